@@ -1,0 +1,457 @@
+"""The one adapter between the daemon and the container engine (Docker or Podman).
+
+Everything engine-specific lives here: finding the engine, negotiating the API
+version, and translating engine errors into the daemon's exception family.
+Nothing else in the code imports aiodocker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+from aiodocker.exceptions import DockerError
+
+from .errors import BadRequest, BoincdError, Conflict, ImageError, NotFound, Unavailable
+
+JSON = dict[str, Any]
+ProgressCallback = Callable[[JSON], Awaitable[None] | None]
+
+DOCKER_SOCKET = "/var/run/docker.sock"
+PODMAN_ROOTFUL_SOCKET = "/run/podman/podman.sock"
+
+
+def candidate_hosts(docker_host: str | None, environ: dict[str, str] | None = None) -> list[str]:
+    """Engine URLs in the order we try them.
+
+    An explicit host wins. Otherwise the usual Docker socket, then the rootless
+    Podman socket of this user, then the rootful Podman socket (DESIGN).
+    """
+    env = dict(os.environ) if environ is None else environ
+    if docker_host:
+        return [docker_host]
+    if env.get("DOCKER_HOST"):
+        return [env["DOCKER_HOST"]]
+    runtime_dir = env.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    paths = [DOCKER_SOCKET, f"{runtime_dir}/podman/podman.sock", PODMAN_ROOTFUL_SOCKET]
+    return ["unix://" + p for p in paths]
+
+
+def _usable_socket(url: str) -> bool:
+    if not url.startswith("unix://"):
+        return True
+    path = url[len("unix://") :]
+    return Path(path).is_socket() and os.access(path, os.R_OK | os.W_OK)
+
+
+def pick_host(docker_host: str | None) -> str:
+    """The first candidate we could talk to; the first candidate when none exists yet."""
+    candidates = candidate_hosts(docker_host)
+    for url in candidates:
+        if _usable_socket(url):
+            return url
+    return candidates[0]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    kind: str  # "docker" or "podman"
+    version: str
+    api_version: str
+    rootless: bool
+    cgroup_version: str
+    cgroup_driver: str
+    host: str
+    data_root: str
+
+
+def demultiplex(raw: bytes) -> bytes:
+    """Strip the 8-byte frame headers of a non-TTY log stream (stdout and stderr in order)."""
+    out = bytearray()
+    pos = 0
+    while pos + 8 <= len(raw) and raw[pos] in (0, 1, 2) and raw[pos + 1 : pos + 4] == b"\0\0\0":
+        size = int.from_bytes(raw[pos + 4 : pos + 8], "big")
+        out += raw[pos + 8 : pos + 8 + size]
+        pos += 8 + size
+    return bytes(out) if pos else raw
+
+
+def _translate(exc: BaseException, what: str) -> BoincdError:
+    """Engine errors → our family. 5xx and transport errors are worth a retry."""
+    if isinstance(exc, DockerError):
+        message = f"{what}: {exc.message}"
+        if exc.status == 404:
+            return NotFound(message)
+        if exc.status == 409:
+            return Conflict(message)
+        if exc.status == 400:
+            return BadRequest(message)
+        if exc.status in (401, 403):
+            return ImageError(message)
+        return Unavailable(message, retryable=exc.status >= 500)
+    if isinstance(exc, aiohttp.ClientError | OSError | asyncio.TimeoutError):
+        return Unavailable(f"{what}: engine unreachable ({exc or type(exc).__name__})")
+    return BoincdError(f"{what}: {exc}")
+
+
+class Engine:
+    """Lifecycle verbs over the Engine API. Reconnects lazily: the engine may come and go."""
+
+    def __init__(self, docker_host: str | None = None, timeout_s: float = 60.0) -> None:
+        self._configured_host = docker_host
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5)
+        self._client: aiodocker.Docker | None = None
+        self._info: EngineInfo | None = None
+        self.host = ""
+
+    @property
+    def info(self) -> EngineInfo | None:
+        """The last engine seen; None while it has never answered."""
+        return self._info
+
+    async def _docker(self) -> aiodocker.Docker:
+        if self._client is None:
+            self.host = pick_host(self._configured_host)
+            self._client = aiodocker.Docker(url=self.host, timeout=self._timeout)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    async def reset(self) -> None:
+        """Forget the connection so the next call finds and negotiates the engine again."""
+        await self.close()
+
+    async def _call(
+        self,
+        what: str,
+        path: str,
+        method: str = "GET",
+        *,
+        params: JSON | None = None,
+        body: Any = None,
+        timeout: float | None = None,
+        raw: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        docker = await self._docker()
+        data = json.dumps(body).encode() if body is not None and not raw else body
+        hdrs = headers or ({"Content-Type": "application/json"} if body is not None else None)
+        try:
+            return await docker._query_json(
+                path,
+                method,
+                params=params,
+                data=data,
+                headers=hdrs,
+                timeout=aiohttp.ClientTimeout(total=timeout) if timeout else self._timeout,
+            )
+        except (TimeoutError, DockerError, aiohttp.ClientError, OSError) as exc:
+            if isinstance(exc, DockerError) and exc.status == 304:
+                return None  # "already in that state": the verbs are idempotent
+            raise _translate(exc, what) from exc
+
+    # -- engine ---------------------------------------------------------------
+
+    async def connect(self) -> EngineInfo:
+        """Reach the engine and learn what it is; raises Unavailable when it is down."""
+        version = await self._call("engine version", "version")
+        info = await self._call("engine info", "info")
+        components = " ".join(c.get("Name", "") for c in version.get("Components") or [])
+        is_podman = "podman" in (components + str(version.get("Platform", {}))).lower()
+        security = " ".join(info.get("SecurityOptions") or [])
+        self._info = EngineInfo(
+            kind="podman" if is_podman else "docker",
+            version=str(version.get("Version", "")),
+            api_version=str(version.get("ApiVersion", "")),
+            rootless="rootless" in security,
+            cgroup_version=str(info.get("CgroupVersion", "")),
+            cgroup_driver=str(info.get("CgroupDriver", "")),
+            host=self.host,
+            data_root=str(info.get("DockerRootDir", "")),
+        )
+        return self._info
+
+    async def system_df(self) -> JSON:
+        result: JSON = await self._call("disk usage", "system/df", timeout=300)
+        return result
+
+    # -- containers -----------------------------------------------------------
+
+    async def create_container(self, name: str, config: JSON) -> str:
+        created = await self._call(
+            f"create container {name}",
+            "containers/create",
+            "POST",
+            params={"name": name},
+            body=config,
+        )
+        return str(created["Id"])
+
+    async def inspect_container(self, ref: str, *, size: bool = False) -> JSON:
+        params = {"size": "true"} if size else None
+        result: JSON = await self._call(
+            f"inspect container {ref}", f"containers/{ref}/json", params=params
+        )
+        return result
+
+    async def list_containers(self, labels: dict[str, str], *, size: bool = False) -> list[JSON]:
+        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        params: JSON = {"all": "true", "filters": json.dumps(filters)}
+        if size:
+            params["size"] = "true"
+        result: list[JSON] = await self._call("list containers", "containers/json", params=params)
+        return result
+
+    async def start_container(self, ref: str) -> None:
+        await self._call(f"start container {ref}", f"containers/{ref}/start", "POST")
+
+    async def pause_container(self, ref: str) -> None:
+        try:
+            await self._call(f"pause container {ref}", f"containers/{ref}/pause", "POST")
+        except Conflict as exc:
+            if "already paused" not in exc.message:
+                raise
+
+    async def unpause_container(self, ref: str) -> None:
+        try:
+            await self._call(f"unpause container {ref}", f"containers/{ref}/unpause", "POST")
+        except Conflict as exc:
+            if "not paused" not in exc.message:
+                raise
+        except BoincdError as exc:
+            # Podman answers 500 "is not paused" for an idempotent unpause.
+            if "not paused" not in exc.message:
+                raise
+
+    async def kill_container(self, ref: str, signal: str = "KILL") -> None:
+        try:
+            await self._call(
+                f"kill container {ref}", f"containers/{ref}/kill", "POST", params={"signal": signal}
+            )
+        except Conflict as exc:
+            if "not running" not in exc.message:
+                raise
+
+    async def remove_container(self, ref: str) -> None:
+        """Force-remove with its anonymous volumes; an already gone container is fine."""
+        with contextlib.suppress(NotFound):
+            await self._call(
+                f"remove container {ref}",
+                f"containers/{ref}",
+                "DELETE",
+                params={"force": "true", "v": "true"},
+            )
+
+    async def wait_container(self, ref: str, timeout: float | None = None) -> int:
+        result = await self._call(
+            f"wait for container {ref}",
+            f"containers/{ref}/wait",
+            "POST",
+            timeout=timeout or 10 * 365 * 24 * 3600.0,
+        )
+        return int(result.get("StatusCode", -1))
+
+    async def container_logs(self, ref: str, tail_lines: int) -> str:
+        """The last lines of the container's stdout and stderr, demultiplexed."""
+        docker = await self._docker()
+        params = {"stdout": "1", "stderr": "1", "tail": str(tail_lines)}
+        try:
+            async with docker._query(f"containers/{ref}/logs", "GET", params=params) as response:
+                raw = await response.read()
+        except (TimeoutError, DockerError, aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc, f"logs of container {ref}") from exc
+        return demultiplex(raw).decode("utf-8", "replace")
+
+    async def connect_network(self, network: str, ref: str) -> None:
+        try:
+            await self._call(
+                f"connect {ref} to {network}",
+                f"networks/{network}/connect",
+                "POST",
+                body={"Container": ref},
+            )
+        except (Conflict, BoincdError) as exc:
+            if "already exists" not in exc.message and "already connected" not in exc.message:
+                raise
+
+    async def disconnect_network(self, network: str, ref: str) -> None:
+        try:
+            await self._call(
+                f"disconnect {ref} from {network}",
+                f"networks/{network}/disconnect",
+                "POST",
+                body={"Container": ref, "Force": True},
+            )
+        except BoincdError as exc:
+            if "is not connected" not in exc.message and "not connected" not in exc.message:
+                raise
+
+    # -- images ---------------------------------------------------------------
+
+    async def inspect_image(self, ref: str) -> JSON:
+        result: JSON = await self._call(f"inspect image {ref}", f"images/{ref}/json")
+        return result
+
+    async def image_history(self, ref: str) -> list[JSON]:
+        result: list[JSON] = await self._call(f"image history {ref}", f"images/{ref}/history")
+        return result
+
+    async def list_images(self) -> list[JSON]:
+        result: list[JSON] = await self._call("list images", "images/json")
+        return result
+
+    async def remove_image(self, ref: str) -> list[JSON]:
+        try:
+            result: list[JSON] = await self._call(f"remove image {ref}", f"images/{ref}", "DELETE")
+        except NotFound:
+            return []
+        return result or []
+
+    async def pull_image(self, ref: str, progress: ProgressCallback | None = None) -> None:
+        """Pull and follow the progress stream; the stream's own error lines become ImageError."""
+        image, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "")
+        params = {"fromImage": image, "tag": tag} if tag else {"fromImage": ref}
+        await self._stream(f"pull {ref}", "images/create", params=params, progress=progress)
+
+    async def load_image(
+        self, tarball: Path, progress: ProgressCallback | None = None
+    ) -> list[str]:
+        """`docker load` of a tarball; returns the image ids/refs the engine reports."""
+        loaded: list[str] = []
+
+        async def collect(line: JSON) -> None:
+            stream = str(line.get("stream", ""))
+            for prefix in ("Loaded image ID: ", "Loaded image: "):
+                if stream.startswith(prefix):
+                    loaded.append(stream[len(prefix) :].strip())
+            if progress is not None:
+                maybe = progress(line)
+                if maybe is not None:
+                    await maybe
+
+        with tarball.open("rb") as fh:
+            await self._stream(
+                f"load {tarball.name}",
+                "images/load",
+                method="POST",
+                params={"quiet": "1"},
+                body=fh.read(),
+                headers={"Content-Type": "application/x-tar"},
+                progress=collect,
+            )
+        return loaded
+
+    async def build_image(
+        self,
+        context_tar: bytes,
+        tag: str,
+        labels: dict[str, str],
+        buildargs: dict[str, str],
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        params = {
+            "t": tag,
+            "labels": json.dumps(labels),
+            "buildargs": json.dumps(buildargs),
+            "rm": "1",
+            "forcerm": "1",
+        }
+        await self._stream(
+            f"build {tag}",
+            "build",
+            method="POST",
+            params=params,
+            body=context_tar,
+            headers={"Content-Type": "application/x-tar"},
+            progress=progress,
+        )
+
+    async def _stream(
+        self,
+        what: str,
+        path: str,
+        *,
+        method: str = "POST",
+        params: JSON | None = None,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        docker = await self._docker()
+        try:
+            async with docker._query(
+                path,
+                method,
+                params=params,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600),
+            ) as response:
+                async for raw_line in response.content:
+                    if not raw_line.strip():
+                        continue
+                    try:
+                        line = json.loads(raw_line)
+                    except json.JSONDecodeError:
+                        continue
+                    if line.get("error") or line.get("errorDetail"):
+                        detail = line.get("errorDetail") or {}
+                        raise ImageError(f"{what}: {detail.get('message') or line.get('error')}")
+                    if progress is not None:
+                        maybe = progress(line)
+                        if maybe is not None:
+                            await maybe
+        except (TimeoutError, DockerError, aiohttp.ClientError, OSError) as exc:
+            err = _translate(exc, what)
+            if isinstance(err, NotFound | BadRequest):
+                raise ImageError(err.message) from exc
+            raise err from exc
+
+    # -- volumes --------------------------------------------------------------
+
+    async def list_volumes(self, labels: dict[str, str]) -> list[JSON]:
+        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        result = await self._call(
+            "list volumes", "volumes", params={"filters": json.dumps(filters)}
+        )
+        return list(result.get("Volumes") or [])
+
+    async def remove_volume(self, name: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self._call(f"remove volume {name}", f"volumes/{name}", "DELETE")
+
+    # -- events ---------------------------------------------------------------
+
+    async def events(
+        self, labels: dict[str, str], since: float | None = None
+    ) -> AsyncIterator[JSON]:
+        """Engine events for our objects, until the stream ends (raise Unavailable then)."""
+        docker = await self._docker()
+        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        params: JSON = {"filters": json.dumps(filters)}
+        if since is not None:
+            params["since"] = str(int(since))
+        try:
+            async with docker._query(
+                "events",
+                "GET",
+                params=params,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None),
+            ) as response:
+                async for raw_line in response.content:
+                    if raw_line.strip():
+                        yield json.loads(raw_line)
+        except (TimeoutError, DockerError, aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc, "engine events") from exc
+        raise Unavailable("engine events: the stream ended")

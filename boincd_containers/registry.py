@@ -1,0 +1,255 @@
+"""The daemon's view of its task containers, rebuilt from engine labels.
+
+Labels are the truth: on start the registry lists the engine's containers that
+carry our owner label, then follows engine events, and re-lists periodically
+because events can be lost (engine restarts, dropped streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psutil
+
+from . import labels as L
+from .engine import Engine
+from .errors import BoincdError, NotFound
+from .log import get_logger
+
+log = get_logger(__name__)
+
+# Exit codes of a process ended by a signal at host shutdown (SIGKILL, SIGTERM)
+# or by the engine losing it (255); an app's own failure rarely looks like these.
+_SHUTDOWN_EXIT_CODES = {137, 143, 255}
+
+
+def parse_engine_time(text: str) -> float:
+    """Engine timestamps have nanoseconds; Python wants at most microseconds."""
+    if not text or text.startswith("0001-01-01"):
+        return 0.0
+    text = text.rstrip("Z")
+    if "." in text:
+        head, frac = text.split(".", 1)
+        frac = "".join(ch for ch in frac if ch.isdigit())[:6]
+        text = f"{head}.{frac}"
+    return datetime.fromisoformat(text + "+00:00").timestamp()
+
+
+@dataclass
+class TaskRecord:
+    result: str
+    project: str
+    container_id: str = ""
+    name: str = ""
+    state: str = "preparing"  # preparing, created, running, paused, exited, failed
+    pid: int = 0
+    exit_code: int | None = None
+    oom_killed: bool = False
+    finished_at: float = 0.0
+    slot_dir: str = ""
+    project_dir: str = ""
+    image: str = ""
+    image_id: str = ""
+    network: bool = False
+    network_connected: bool = False
+    disk_bound: int = 0
+    memory_bound: int = 0
+    gpus: list[str] = field(default_factory=list)
+    gpu_usage: float = 0.0
+    error: BoincdError | None = None
+    progress: str = ""
+    last_seen: float = field(default_factory=time.time)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def notify(self) -> None:
+        """Wake everyone waiting for a state change, then re-arm."""
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    @property
+    def interrupted_by_reboot(self) -> bool:
+        """Exited in an earlier boot, by a signal, not by the kernel's OOM killer.
+
+        After a reboot every container of an unfinished task is found exited; an
+        app that really finished did so with its own status, not a signal.
+        """
+        return (
+            self.state == "exited"
+            and 0 < self.finished_at < psutil.boot_time()
+            and (self.exit_code or 0) in _SHUTDOWN_EXIT_CODES
+            and not self.oom_killed
+        )
+
+    def apply_inspect(self, data: dict[str, Any]) -> None:
+        state = data.get("State") or {}
+        config = data.get("Config") or {}
+        labels = config.get("Labels") or {}
+        self.container_id = str(data.get("Id", self.container_id))
+        self.name = str(data.get("Name", self.name)).lstrip("/")
+        status = str(state.get("Status", "")).lower()
+        if state.get("Paused"):
+            status = "paused"
+        elif state.get("Running"):
+            status = "running"
+        elif status in ("configured", "created"):
+            status = "created"
+        elif status in ("exited", "dead", "stopped"):
+            status = "exited"
+        self.state = status or self.state
+        self.pid = int(state.get("Pid") or 0) if self.state in ("running", "paused") else 0
+        self.exit_code = int(state.get("ExitCode", 0)) if self.state == "exited" else None
+        self.oom_killed = bool(state.get("OOMKilled", False))
+        self.finished_at = parse_engine_time(str(state.get("FinishedAt", "")))
+        self.slot_dir = labels.get(L.SLOT, self.slot_dir)
+        self.project_dir = labels.get(L.PROJECT_DIR, self.project_dir)
+        self.image = labels.get(L.IMAGE, self.image)
+        self.image_id = str(data.get("Image", self.image_id))
+        self.network = labels.get(L.NETWORK) == "1"
+        networks = ((data.get("NetworkSettings") or {}).get("Networks")) or {}
+        self.network_connected = any(name != "none" for name in networks)
+        self.disk_bound = int(labels.get(L.DISK_BOUND) or 0)
+        self.memory_bound = int(labels.get(L.MEMORY_BOUND) or 0)
+        self.gpus = [g for g in labels.get(L.GPUS, "").split(",") if g]
+        self.gpu_usage = float(labels.get(L.GPU_USAGE) or 0.0)
+        self.error = None
+        self.notify()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "result": self.result,
+            "project": self.project,
+            "container_id": self.container_id,
+            "name": self.name,
+            "state": self.state,
+            "pid": self.pid,
+            "exit_code": self.exit_code,
+            "oom_killed": self.oom_killed,
+            "interrupted_by_reboot": self.interrupted_by_reboot,
+            "slot_dir": self.slot_dir,
+            "image": self.image,
+            "image_id": self.image_id,
+            "network": self.network,
+            "network_connected": self.network_connected,
+            "gpus": self.gpus,
+            "gpu_usage": self.gpu_usage,
+            "progress": self.progress,
+            "error": self.error.to_json()["error"] if self.error else None,
+        }
+
+
+class Registry:
+    """Task records keyed by BOINC result name."""
+
+    def __init__(self, engine: Engine, instance_id: str) -> None:
+        self.engine = engine
+        self.instance_id = instance_id
+        self.tasks: dict[str, TaskRecord] = {}
+        self.engine_error: str | None = "not connected yet"
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    @property
+    def owner_labels(self) -> dict[str, str]:
+        return {L.OWNER: self.instance_id}
+
+    def get(self, result: str) -> TaskRecord:
+        try:
+            return self.tasks[result]
+        except KeyError:
+            raise NotFound(f"no task for result {result!r}") from None
+
+    def by_container(self, container_id: str) -> TaskRecord | None:
+        for record in self.tasks.values():
+            if record.container_id == container_id:
+                return record
+        return None
+
+    async def relist(self) -> None:
+        """Make the view equal to the engine's: adopt ours, drop what is gone."""
+        containers = await self.engine.list_containers(self.owner_labels)
+        seen: set[str] = set()
+        for summary in containers:
+            labels = summary.get("Labels") or {}
+            if not L.is_ours(labels, self.instance_id) or L.RESULT not in labels:
+                continue
+            try:
+                data = await self.engine.inspect_container(summary["Id"])
+            except NotFound:
+                continue
+            result = labels[L.RESULT]
+            record = self.tasks.get(result) or TaskRecord(result, labels.get(L.PROJECT, ""))
+            record.apply_inspect(data)
+            self.tasks[result] = record
+            seen.add(result)
+        for result, record in list(self.tasks.items()):
+            if result not in seen and record.container_id and record.state != "preparing":
+                record.state = "removed"
+                record.notify()
+                del self.tasks[result]
+        self.engine_error = None
+
+    async def refresh(self, record: TaskRecord) -> TaskRecord:
+        try:
+            record.apply_inspect(await self.engine.inspect_container(record.container_id))
+        except NotFound:
+            record.state = "removed"
+            record.notify()
+            self.tasks.pop(record.result, None)
+        return record
+
+    async def handle_event(self, event: dict[str, Any]) -> None:
+        if event.get("Type") != "container":
+            return
+        actor = event.get("Actor") or {}
+        attributes = actor.get("Attributes") or {}
+        if attributes.get(L.OWNER) != self.instance_id:
+            return  # the engine filter should ensure this; never act on others' objects
+        for listener in self.listeners:
+            listener(event)
+        result = attributes.get(L.RESULT, "")
+        record = self.tasks.get(result)
+        if record is None:
+            record = TaskRecord(
+                result, attributes.get(L.PROJECT, ""), container_id=actor.get("ID", "")
+            )
+            if event.get("Action") == "destroy":
+                return
+            self.tasks[result] = record
+        if record.container_id and record.container_id != actor.get("ID"):
+            return  # an event about an older container of the same result
+        record.container_id = str(actor.get("ID", record.container_id))
+        await self.refresh(record)
+
+    async def follow(self, relist_interval_s: float) -> None:
+        """Follow events forever; re-list on every (re)connect and periodically."""
+        backoff = 0.5
+        while True:
+            try:
+                await self.engine.connect()
+                since = time.time()
+                await self.relist()
+                backoff = 0.5
+                log.info("engine connected", engine=self.engine.info and self.engine.info.kind)
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._periodic_relist(relist_interval_s))
+                    async for event in self.engine.events(self.owner_labels, since=since):
+                        await self.handle_event(event)
+            except* BoincdError as group_error:
+                self.engine_error = str(group_error.exceptions[0])
+                log.warning("engine unavailable", error=self.engine_error, retry_in_s=backoff)
+            except* Exception as group_error:
+                # A bug must not stop the daemon from following the engine for good.
+                self.engine_error = f"internal error: {group_error.exceptions[0]!r}"
+                log.error("event loop failed", exc_info=group_error.exceptions[0])
+            await self.engine.reset()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    async def _periodic_relist(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.relist()

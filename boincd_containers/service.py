@@ -1,0 +1,110 @@
+"""The daemon object: its parts, their start-up and their ordered shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .engine import Engine
+from .errors import BoincdError
+from .images import ImageCache
+from .log import get_logger
+from .peercred import writer_uids
+from .providers import StatusProvider
+from .registry import Registry, TaskRecord
+from .settings import Settings
+from .tasks import TaskManager
+
+log = get_logger(__name__)
+
+
+def load_instance_id(state_dir: Path) -> str:
+    """The owner label value: stable across restarts, unique per daemon installation."""
+    path = state_dir / "instance_id"
+    try:
+        existing = path.read_text().strip()
+        if existing:
+            return existing
+    except FileNotFoundError:
+        pass
+    new_id = uuid.uuid4().hex
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(new_id + "\n")
+    os.replace(tmp, path)
+    return new_id
+
+
+def _version() -> str:
+    try:
+        return package_version("boincd-containers")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state_dir = Path(settings.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.instance_id = load_instance_id(self.state_dir)
+        self.version = _version()
+        self.engine = Engine(settings.docker_host, settings.engine_timeout_s)
+        self.registry = Registry(self.engine, self.instance_id)
+        self.images = ImageCache(self.engine, self.state_dir, self.instance_id)
+        self.tasks = TaskManager(settings, self.engine, self.registry, self.images)
+        self.extra_status: list[StatusProvider] = []
+        self.writer_uids = writer_uids(settings.boinc_user)
+
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup context: background loops live exactly as long as the app."""
+        async with asyncio.TaskGroup() as group:
+            loops = [group.create_task(self.registry.follow(self.settings.relist_interval_s))]
+            log.info("daemon started", instance_id=self.instance_id, socket=self.settings.socket)
+            yield
+            # Ordered shutdown: stop taking work, stop loops, then let go of the
+            # engine. Task containers keep running: they belong to their tasks.
+            log.info("daemon stopping")
+            for loop in loops:
+                loop.cancel()
+        await self.tasks.close()
+        await self.images.close()
+        await self.engine.close()
+
+    def task_json(self, record: TaskRecord) -> dict[str, Any]:
+        data = record.to_json()
+        for provider in self.extra_status:
+            data.update(provider.task_fields(record))
+        return data
+
+    async def engine_json(self) -> dict[str, Any]:
+        info = self.engine.info
+        return {
+            "kind": info.kind if info else None,
+            "version": info.version if info else None,
+            "api_version": info.api_version if info else None,
+            "rootless": info.rootless if info else None,
+            "host": info.host if info else None,
+            "reachable": self.registry.engine_error is None,
+            "error": self.registry.engine_error,
+        }
+
+    async def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "daemon": {"version": self.version, "instance_id": self.instance_id},
+            "engine": await self.engine_json(),
+            "tasks": [self.task_json(r) for r in self.registry.tasks.values()],
+        }
+        for provider in self.extra_status:
+            try:
+                data.update(await provider.status_fields())
+            except BoincdError as exc:
+                data.setdefault("errors", []).append(exc.message)
+        return data

@@ -1,0 +1,241 @@
+"""Task lifecycle, keyed by BOINC result name.
+
+Every verb is idempotent and runs under the result's lock, so a shim that
+retries after a lost answer, an abort and the garbage collector never race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from . import labels as L
+from .engine import Engine
+from .errors import BoincdError, Conflict, NotFound
+from .images import ImageCache
+from .log import get_logger
+from .registry import Registry, TaskRecord
+from .settings import Settings
+from .taskspec import TaskRequest, check_paths, container_config
+
+log = get_logger(__name__)
+
+_RECHECK_S = 2.0  # how often a waiter checks the engine itself, in case an event was lost
+
+# Hooks a GPU allocator plugs in: (request) -> (env, device_requests, devices, labels)
+GpuHook = Callable[
+    [TaskRequest], tuple[dict[str, str], list[dict[str, Any]], list[dict[str, Any]], dict[str, str]]
+]
+
+
+class TaskManager:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        registry: Registry,
+        images: ImageCache,
+        gpu_hook: GpuHook | None = None,
+        gpu_release: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.registry = registry
+        self.images = images
+        self.gpu_hook = gpu_hook
+        self.gpu_release = gpu_release
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._preparing: dict[str, asyncio.Task[None]] = {}
+
+    @asynccontextmanager
+    async def locked(self, result: str) -> AsyncIterator[None]:
+        async with self._locks[result]:
+            yield
+
+    # -- create-or-attach -------------------------------------------------------
+
+    async def create_or_attach(self, request: TaskRequest, peer_uid: int) -> TaskRecord:
+        """Same result, same container, whatever its state; never a duplicate.
+
+        Preparation (image pull, load or build, then create) runs in the
+        background so the shim keeps answering the BOINC client meanwhile; the
+        shim polls the record until it leaves the "preparing" state.
+        """
+        uid, gid = check_paths(request, peer_uid)
+        async with self.locked(request.result):
+            record = self.registry.tasks.get(request.result)
+            if record is not None and (record.state != "failed"):
+                record.last_seen = time.time()
+                return record
+            existing = await self._find_by_name(request.name)
+            if existing is not None:
+                return existing
+            record = TaskRecord(request.result, request.project, slot_dir=request.slot_dir)
+            self.registry.tasks[request.result] = record
+            task = asyncio.ensure_future(self._prepare(record, request, uid, gid))
+            self._preparing[request.result] = task
+            task.add_done_callback(lambda _: self._preparing.pop(request.result, None))
+            return record
+
+    async def _find_by_name(self, name: str) -> TaskRecord | None:
+        """Adopt our container of that name (events may lag); refuse anyone else's."""
+        try:
+            data = await self.engine.inspect_container(name)
+        except NotFound:
+            return None
+        labels = (data.get("Config") or {}).get("Labels") or {}
+        if not L.is_ours(labels, self.registry.instance_id):
+            raise Conflict(
+                f"a container named {name} exists and does not belong to this daemon; "
+                "it is left alone: remove or rename it to run this task"
+            )
+        record = TaskRecord(labels.get(L.RESULT, ""), labels.get(L.PROJECT, ""))
+        record.apply_inspect(data)
+        self.registry.tasks[record.result] = record
+        return record
+
+    async def _prepare(self, record: TaskRecord, request: TaskRequest, uid: int, gid: int) -> None:
+        def progress(text: str) -> None:
+            record.progress = text
+
+        try:
+            image = await self.images.ensure(request, progress)
+            env: dict[str, str] = {}
+            device_requests: list[dict[str, Any]] = []
+            devices: list[dict[str, Any]] = []
+            extra_labels: dict[str, str] = {}
+            if self.gpu_hook is not None:
+                env, device_requests, devices, extra_labels = self.gpu_hook(request)
+            config = container_config(
+                request,
+                image,
+                owner_id=self.registry.instance_id,
+                uid=uid,
+                gid=gid,
+                pids_limit=self.settings.pids_limit,
+                network_name=self.settings.network_name,
+                extra_env=env,
+                device_requests=device_requests,
+                devices=devices,
+                extra_labels=extra_labels,
+            )
+            async with self.locked(request.result):
+                container_id = await self.engine.create_container(request.name, config)
+                record.container_id = container_id
+                record.progress = ""
+                await self.registry.refresh(record)
+                log.info(
+                    "task container created", result=request.result, container=container_id[:12]
+                )
+        except BoincdError as exc:
+            record.state, record.error = "failed", exc
+            if self.gpu_release is not None:
+                self.gpu_release(request.result)
+            log.warning("task preparation failed", result=request.result, error=exc.message)
+            record.notify()
+        except Exception as exc:  # a bug: report it on the task instead of losing it
+            record.state, record.error = "failed", BoincdError(f"internal error: {exc!r}")
+            log.error("task preparation crashed", result=request.result, exc_info=exc)
+            record.notify()
+
+    # -- verbs ------------------------------------------------------------------
+
+    def _ready(self, result: str) -> TaskRecord:
+        record = self.registry.get(result)
+        if record.state == "failed" and record.error is not None:
+            raise record.error
+        if record.state == "preparing" or not record.container_id:
+            raise Conflict(
+                f"task {result} is still being prepared ({record.progress or 'waiting'})",
+                retryable=True,
+            )
+        record.last_seen = time.time()
+        return record
+
+    async def start(self, result: str) -> TaskRecord:
+        """Run the container: start it, unpause it, or restart it after a host reboot."""
+        async with self.locked(result):
+            record = self._ready(result)
+            await self.registry.refresh(record)
+            if record.state == "created" or record.interrupted_by_reboot:
+                if record.interrupted_by_reboot:
+                    log.info("restarting task interrupted by a reboot", result=result)
+                await self.engine.start_container(record.container_id)
+            elif record.state == "paused":
+                await self.engine.unpause_container(record.container_id)
+            return await self.registry.refresh(record)
+
+    async def pause(self, result: str) -> TaskRecord:
+        async with self.locked(result):
+            record = self._ready(result)
+            if record.state == "running":
+                await self.engine.pause_container(record.container_id)
+            return await self.registry.refresh(record)
+
+    async def resume(self, result: str) -> TaskRecord:
+        async with self.locked(result):
+            record = self._ready(result)
+            if record.state == "paused":
+                await self.engine.unpause_container(record.container_id)
+            return await self.registry.refresh(record)
+
+    async def set_network(self, result: str, connected: bool) -> TaskRecord:
+        """Follow BOINC's network switch; a job without network stays at "none"."""
+        async with self.locked(result):
+            record = self._ready(result)
+            if record.network:
+                if connected:
+                    await self.engine.connect_network(
+                        self.settings.network_name, record.container_id
+                    )
+                else:
+                    await self.engine.disconnect_network(
+                        self.settings.network_name, record.container_id
+                    )
+            return await self.registry.refresh(record)
+
+    async def remove(self, result: str) -> None:
+        """Kill and remove the container with its volumes; already gone is fine."""
+        async with self.locked(result):
+            task = self._preparing.get(result)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            record = self.registry.tasks.pop(result, None)
+            if record is not None and record.container_id:
+                await self.engine.remove_container(record.container_id)
+            if self.gpu_release is not None:
+                self.gpu_release(result)
+            if record is not None:
+                record.state = "removed"
+                record.notify()
+            log.info("task removed", result=result)
+
+    async def wait(self, result: str, timeout_s: float) -> TaskRecord:
+        """Return when the task is neither running nor being prepared, or at the timeout.
+
+        Engine events normally wake us; the periodic inspect is for lost events.
+        """
+        record = self.registry.get(result)
+        deadline = time.monotonic() + timeout_s
+        while record.state in ("preparing", "running"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(record.changed.wait(), min(remaining, _RECHECK_S))
+            except TimeoutError:
+                if record.container_id:
+                    await self.registry.refresh(record)
+        record.last_seen = time.time()
+        return record
+
+    async def close(self) -> None:
+        tasks = list(self._preparing.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
