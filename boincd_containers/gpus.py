@@ -1,0 +1,68 @@
+"""The daemon's side of GPUs: allocation at create, release at remove, restore
+after a restart, and the `gpus` part of status. The allocator itself lives in
+the gpu package; this module turns its errors into the daemon's family."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from .errors import BadRequest, BoincdError, ResourceBusy, Unavailable
+from .gpu import GpuAllocator, GpuBusy, GpuError, GpuUnavailable, gpu_container_config
+from .registry import Registry, TaskRecord
+from .taskspec import TaskRequest
+
+
+def _translate(exc: GpuError) -> BoincdError:
+    if isinstance(exc, GpuBusy):
+        return ResourceBusy(exc.message)
+    if isinstance(exc, GpuUnavailable):
+        return Unavailable(exc.message, retryable=exc.retryable)
+    return BadRequest(exc.message)
+
+
+class GpuService:
+    def __init__(self, allocator: GpuAllocator, registry: Registry) -> None:
+        self.allocator = allocator
+        self.registry = registry
+
+    async def apply(
+        self, request: TaskRequest, body: dict[str, Any], engine_kind: str
+    ) -> dict[str, Any]:
+        """The create body with the task's GPUs (or, for a CPU task, none at all)."""
+        assignment = None
+        if request.gpu is not None:
+            gpu = request.gpu
+            try:
+                # NVML calls block for milliseconds: keep them off the event loop.
+                assignment = await asyncio.to_thread(
+                    self.allocator.allocate, request.result, gpu.type, gpu.device_num, gpu.usage
+                )
+            except GpuError as exc:
+                raise _translate(exc) from exc
+        if engine_kind == "podman":
+            return gpu_container_config(assignment, engine="podman").apply(body)
+        return gpu_container_config(assignment, engine="docker").apply(body)
+
+    def release(self, result: str) -> None:
+        self.allocator.release(result)
+
+    def restore(self, record: TaskRecord, labels: dict[str, str]) -> None:
+        # A card that is gone: the task fails on its own and is collected later.
+        with contextlib.suppress(GpuError):
+            self.allocator.restore_from_labels(record.result, labels)
+
+    def task_fields(self, record: TaskRecord) -> dict[str, Any]:
+        return {}
+
+    async def status_fields(self) -> dict[str, Any]:
+        return {"gpus": await self.snapshot()}
+
+    async def snapshot(self) -> dict[str, Any]:
+        containers = {
+            r.result: r.container_id for r in self.registry.tasks.values() if r.container_id
+        }
+        snap = await asyncio.to_thread(self.allocator.snapshot, containers)
+        data: dict[str, Any] = snap.to_dict()
+        return data
