@@ -1,0 +1,438 @@
+"""Doctor checks on fake hosts: a temporary root for /proc, /sys, /etc and canned commands."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from boincd_containers.doctor import (
+    CommandResult,
+    DoctorReport,
+    EngineFacts,
+    Finding,
+    HostProbe,
+    run_doctor,
+)
+from boincd_containers.hostprobe import GIB, run_command
+
+WSL2_VERSION = (
+    "Linux version 5.15.153.1-microsoft-standard-WSL2 (root@1c602f52c2e4) "
+    "(gcc (GCC) 11.2.0) #1 SMP Fri Mar 29 23:14:13 UTC 2024\n"
+)
+V2_ALL = "cpuset cpu io memory hugetlb pids rdma misc\n"
+V1_TABLE = (
+    "#subsys_name\thierarchy\tnum_cgroups\tenabled\n"
+    "cpuset\t2\t1\t1\ncpu\t3\t80\t1\ncpuacct\t3\t80\t1\nmemory\t4\t90\t1\n"
+    "devices\t5\t80\t1\npids\t6\t80\t1\n"
+)
+USER_SLICE = "sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/cgroup.controllers"
+
+DOCKER = EngineFacts(True, "docker", "24.0.7", False, "/var/run/docker.sock", None)
+ROOTLESS_PODMAN = EngineFacts(
+    True, "podman", "4.3.1", True, "/run/user/1000/podman/podman.sock", None
+)
+ROOTFUL_PODMAN = EngineFacts(True, "podman", "4.3.1", False, "/run/podman/podman.sock", None)
+
+
+class FakeRunner:
+    """Answers known command lines; anything else is 'not installed' (127)."""
+
+    def __init__(self, answers: Mapping[tuple[str, ...], str]) -> None:
+        self.answers = dict(answers)
+        self.calls: list[tuple[str, ...]] = []
+
+    def __call__(self, argv: Sequence[str]) -> CommandResult:
+        key = tuple(argv)
+        self.calls.append(key)
+        if key in self.answers:
+            return CommandResult(0, self.answers[key] + "\n")
+        return CommandResult(127, "", f"{argv[0]}: not found")
+
+
+def make_probe(
+    root: Path,
+    files: Mapping[str, str] | None = None,
+    commands: Mapping[tuple[str, ...], str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    system: str = "Linux",
+    free_gib: float = 100,
+    healthy: bool = True,
+) -> HostProbe:
+    """A host; ``healthy`` starts from cgroup v2, systemd, BOINC installed, user boinc."""
+    base_files: dict[str, str] = {}
+    base_cmds: dict[tuple[str, ...], str] = {}
+    if healthy:
+        base_files = {
+            "proc/version": "Linux version 6.1.0-18-amd64 (debian-kernel@lists.debian.org)\n",
+            "sys/fs/cgroup/cgroup.controllers": V2_ALL,
+            "run/systemd/system/.keep": "",
+        }
+        base_cmds = {
+            ("boinc", "--version"): "7.20.5 x86_64-pc-linux-gnu",
+            ("getent", "passwd", "boinc"): "boinc:x:1000:1000::/var/lib/boinc:/usr/sbin/nologin",
+            ("getent", "group", "docker"): "docker:x:999:",
+        }
+    base_files.update(files or {})
+    base_cmds.update(commands or {})
+    for rel, text in base_files.items():
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return HostProbe(
+        root=root,
+        run=FakeRunner(base_cmds),
+        env=dict(env or {}),
+        system=system,
+        free_bytes=lambda _path: int(free_gib * GIB),
+    )
+
+
+def by_id(report: DoctorReport, finding_id: str) -> Finding:
+    matches = [f for f in report.findings if f.id == finding_id]
+    assert len(matches) == 1, (finding_id, report.findings)
+    return matches[0]
+
+
+def ids(report: DoctorReport) -> set[str]:
+    return {f.id for f in report.findings}
+
+
+def test_healthy_docker_host_is_ok(tmp_path: Path) -> None:
+    report = run_doctor(
+        make_probe(tmp_path, commands={("docker", "--version"): "Docker 24"}), DOCKER
+    )
+    assert report.ok
+    assert report.exit_code() == 0
+    assert by_id(report, "engine.reachable").severity == "ok"
+    assert by_id(report, "security.docker_group").severity == "ok"
+    assert by_id(report, "cgroup.version").severity == "ok"
+    assert by_id(report, "boinc.client").title == "BOINC client 7.20.5"
+    assert report.recommendation.runtime == "native-docker"
+    json.dumps(report.to_json())  # plain data all the way down
+
+
+def test_wsl2_with_virtualbox_warns_about_emulation(tmp_path: Path) -> None:
+    probe = make_probe(
+        tmp_path,
+        {
+            "proc/version": WSL2_VERSION,
+            "proc/sys/kernel/osrelease": "5.15.153.1-microsoft-standard-WSL2\n",
+        },
+        {("VBoxManage.exe", "--version"): "7.0.14r161095"},
+        env={"WSL_DISTRO_NAME": "Ubuntu"},
+    )
+    report = run_doctor(probe, DOCKER)
+    assert by_id(report, "platform.wsl").title == "Inside WSL2 (Ubuntu)"
+    conflict = by_id(report, "virt.vbox_hyperv")
+    assert conflict.severity == "warning"
+    assert "7.0.14r161095" in conflict.title
+    assert "turtle" in conflict.detail
+    assert "hypervisorlaunchtype off" in conflict.fix
+    assert report.recommendation.runtime == "wsl2"
+    assert "VirtualBox" in report.recommendation.reason
+    assert report.exit_code() == 0  # VM apps suffer; container tasks do not
+
+
+def test_wsl2_sees_windows_virtualbox_on_disk(tmp_path: Path) -> None:
+    probe = make_probe(
+        tmp_path,
+        {
+            "proc/version": WSL2_VERSION,
+            "proc/sys/fs/binfmt_misc/WSLInterop": "enabled\n",
+            "mnt/c/Program Files/Oracle/VirtualBox/VBoxManage.exe": "",
+        },
+    )
+    conflict = by_id(run_doctor(probe, DOCKER), "virt.vbox_hyperv")
+    assert "version unknown" in conflict.title
+
+
+def test_old_virtualbox_under_hyperv_cannot_start_vms(tmp_path: Path) -> None:
+    probe = make_probe(
+        tmp_path, {"proc/version": WSL2_VERSION}, {("VBoxManage.exe", "--version"): "5.2.44r139111"}
+    )
+    assert "cannot start VMs" in by_id(run_doctor(probe, DOCKER), "virt.vbox_hyperv").detail
+
+
+def test_wsl2_without_systemd(tmp_path: Path) -> None:
+    probe = make_probe(tmp_path, {"proc/version": WSL2_VERSION})
+    (tmp_path / "run/systemd/system/.keep").unlink()
+    (tmp_path / "run/systemd/system").rmdir()
+    finding = by_id(run_doctor(probe, DOCKER), "platform.init")
+    assert finding.severity == "warning"
+    assert "systemd=true" in finding.fix
+
+
+def test_wsl1_blocks_tasks(tmp_path: Path) -> None:
+    probe = make_probe(
+        tmp_path,
+        {
+            "proc/version": "Linux version 4.4.0-19041-Microsoft (Microsoft@Microsoft.com)\n",
+            "proc/sys/kernel/osrelease": "4.4.0-19041-Microsoft\n",
+        },
+        env={"WSL_DISTRO_NAME": "Debian"},
+    )
+    report = run_doctor(probe, DOCKER)
+    assert by_id(report, "platform.wsl").severity == "error"
+    assert "wsl --set-version Debian 2" in by_id(report, "platform.wsl").fix
+    assert report.exit_code() != 0
+    assert report.recommendation.runtime == "wsl2"
+
+
+def test_virtualbox_next_to_kvm_on_native_linux(tmp_path: Path) -> None:
+    probe = make_probe(
+        tmp_path,
+        {"sys/module/kvm_intel/refcnt": "0\n"},
+        {("VBoxManage", "--version"): "7.1.4r165100"},
+    )
+    assert by_id(run_doctor(probe, DOCKER), "virt.vbox_kvm").severity == "warning"
+
+
+def test_virtualbox_alone_is_fine(tmp_path: Path) -> None:
+    probe = make_probe(tmp_path, commands={("VBoxManage", "--version"): "7.1.4r165100"})
+    assert by_id(run_doctor(probe, DOCKER), "virt.vbox").severity == "info"
+
+
+def test_no_engine_installed(tmp_path: Path) -> None:
+    engine = EngineFacts(
+        False, None, None, False, "/var/run/docker.sock", "[Errno 2] No such file or directory"
+    )
+    report = run_doctor(make_probe(tmp_path), engine)
+    finding = by_id(report, "engine.reachable")
+    assert finding.severity == "error"
+    assert "apt install podman" in finding.fix
+    assert report.exit_code() == 1
+    assert report.to_json()["ok"] is False
+    # cgroup v2 + systemd: rootless Podman is the way to go on a fresh host.
+    assert report.recommendation.runtime == "rootless-podman"
+
+
+def test_engine_installed_but_stopped(tmp_path: Path) -> None:
+    engine = EngineFacts(False, None, None, False, "/var/run/docker.sock", "Connection refused")
+    probe = make_probe(tmp_path, commands={("docker", "--version"): "Docker version 20.10.24"})
+    assert (
+        "systemctl enable --now docker" in by_id(run_doctor(probe, engine), "engine.reachable").fix
+    )
+
+
+def test_no_engine_but_virtualbox_recommends_vm_apps(tmp_path: Path) -> None:
+    engine = EngineFacts(False, None, None, False, None, "no socket found")
+    probe = make_probe(tmp_path, commands={("VBoxManage", "--version"): "7.0.20r163906"})
+    assert run_doctor(probe, engine).recommendation.runtime == "vm-apps"
+
+
+def test_no_permission_on_socket(tmp_path: Path) -> None:
+    engine = EngineFacts(
+        False,
+        "docker",
+        None,
+        False,
+        "/var/run/docker.sock",
+        "Cannot connect: [Errno 13] Permission denied",
+    )
+    report = run_doctor(make_probe(tmp_path), engine)
+    finding = by_id(report, "engine.permission")
+    assert finding.severity == "error"
+    assert "/var/run/docker.sock" in finding.title
+    assert "engine.reachable" not in ids(report)
+    assert report.exit_code() == 1
+
+
+def test_old_engine_version(tmp_path: Path) -> None:
+    engine = EngineFacts(True, "podman", "3.4.4", False, "/run/podman/podman.sock", None)
+    assert by_id(run_doctor(make_probe(tmp_path), engine), "engine.version").severity == "warning"
+
+
+def test_cgroup_v1_with_rootless_podman_cannot_limit(tmp_path: Path) -> None:
+    probe = make_probe(tmp_path, {"proc/cgroups": V1_TABLE})
+    (tmp_path / "sys/fs/cgroup/cgroup.controllers").unlink()
+    report = run_doctor(probe, ROOTLESS_PODMAN)
+    finding = by_id(report, "cgroup.version")
+    assert finding.severity == "warning"
+    assert "cannot be applied" in finding.title
+    assert "cgroup.delegation" not in ids(report)
+
+
+def test_cgroup_v1_rootful_is_fine(tmp_path: Path) -> None:
+    probe = make_probe(tmp_path, {"proc/cgroups": V1_TABLE})
+    (tmp_path / "sys/fs/cgroup/cgroup.controllers").unlink()
+    report = run_doctor(probe, DOCKER)
+    assert by_id(report, "cgroup.version").severity == "ok"
+    assert "v1" in by_id(report, "cgroup.version").title
+
+
+def test_cgroup_v2_missing_memory_controller(tmp_path: Path) -> None:
+    probe = make_probe(tmp_path, {"sys/fs/cgroup/cgroup.controllers": "cpuset cpu io pids\n"})
+    finding = by_id(run_doctor(probe, DOCKER), "cgroup.version")
+    assert finding.severity == "warning"
+    assert "memory" in finding.title
+
+
+def test_cgroup_v2_with_delegation(tmp_path: Path) -> None:
+    probe = make_probe(tmp_path, {USER_SLICE: "cpuset cpu io memory pids\n"})
+    report = run_doctor(probe, ROOTLESS_PODMAN)
+    assert by_id(report, "cgroup.delegation").severity == "ok"
+    assert report.recommendation.runtime == "rootless-podman"
+
+
+def test_cgroup_v2_without_cpu_delegation(tmp_path: Path) -> None:
+    probe = make_probe(tmp_path, {USER_SLICE: "memory pids\n"})
+    finding = by_id(run_doctor(probe, ROOTLESS_PODMAN), "cgroup.delegation")
+    assert finding.severity == "warning"
+    assert "cpu" in finding.title
+    assert "Delegate=" in finding.fix
+
+
+def test_cgroup_v2_without_user_manager(tmp_path: Path) -> None:
+    finding = by_id(run_doctor(make_probe(tmp_path), ROOTLESS_PODMAN), "cgroup.delegation")
+    assert finding.severity == "warning"
+    assert "enable-linger boinc" in finding.fix
+
+
+def test_delegation_uid_from_passwd_when_socket_is_elsewhere(tmp_path: Path) -> None:
+    engine = EngineFacts(True, "podman", "4.3.1", True, "/srv/podman.sock", None)
+    probe = make_probe(tmp_path, {USER_SLICE: "cpu memory pids\n"})
+    assert by_id(run_doctor(probe, engine), "cgroup.delegation").severity == "ok"
+
+
+def test_rootless_podman_needs_subuid(tmp_path: Path) -> None:
+    report = run_doctor(make_probe(tmp_path, {USER_SLICE: V2_ALL}), ROOTLESS_PODMAN)
+    assert by_id(report, "security.rootless").severity == "ok"
+    assert by_id(report, "security.subuid").severity == "warning"
+    probe = make_probe(
+        tmp_path, {"etc/subuid": "boinc:100000:65536\n", "etc/subgid": "boinc:100000:65536\n"}
+    )
+    assert "security.subuid" not in ids(run_doctor(probe, ROOTLESS_PODMAN))
+
+
+def test_docker_group_membership_is_root_equivalent(tmp_path: Path) -> None:
+    probe = make_probe(
+        tmp_path, commands={("getent", "group", "docker"): "docker:x:999:alice,boinc"}
+    )
+    report = run_doctor(probe, DOCKER)
+    finding = by_id(report, "security.docker_group")
+    assert finding.severity == "warning"
+    assert "root-equivalent" in finding.title
+    assert finding.fix.startswith("`gpasswd -d boinc docker`")
+    assert report.exit_code() == 0
+
+
+def test_gpu_absent(tmp_path: Path) -> None:
+    assert by_id(run_doctor(make_probe(tmp_path), DOCKER), "gpu.runtime").severity == "info"
+
+
+def test_gpu_without_runtime(tmp_path: Path) -> None:
+    probe = make_probe(tmp_path, {"proc/driver/nvidia/version": "NVRM version: 550.54\n"})
+    finding = by_id(run_doctor(probe, DOCKER), "gpu.runtime")
+    assert finding.severity == "warning"
+    assert "nvidia-container-toolkit" in finding.fix
+
+
+@pytest.mark.parametrize("cdi_dir", ["etc/cdi", "var/run/cdi"])
+def test_gpu_with_cdi_spec(tmp_path: Path, cdi_dir: str) -> None:
+    probe = make_probe(
+        tmp_path,
+        {
+            "proc/driver/nvidia/version": "NVRM version: 550.54\n",
+            f"{cdi_dir}/nvidia.yaml": "cdiVersion: 0.5.0\nkind: nvidia.com/gpu\n",
+        },
+    )
+    finding = by_id(run_doctor(probe, ROOTFUL_PODMAN), "gpu.runtime")
+    assert finding.severity == "ok"
+    assert f"/{cdi_dir}/nvidia.yaml" in finding.title
+
+
+def test_gpu_docker_nvidia_runtime_from_engine_info(tmp_path: Path) -> None:
+    engine = EngineFacts(
+        True, "docker", "24.0.7", False, "/var/run/docker.sock", None, runtimes=("runc", "nvidia")
+    )
+    probe = make_probe(tmp_path, {"dev/nvidiactl": ""})
+    assert by_id(run_doctor(probe, engine), "gpu.runtime").severity == "ok"
+
+
+def test_gpu_podman_with_toolkit_but_no_cdi(tmp_path: Path) -> None:
+    probe = make_probe(
+        tmp_path,
+        {"proc/driver/nvidia/version": "NVRM\n"},
+        {("nvidia-ctk", "--version"): "NVIDIA Container Toolkit CLI version 1.14.6"},
+    )
+    finding = by_id(run_doctor(probe, ROOTFUL_PODMAN), "gpu.runtime")
+    assert finding.severity == "warning"
+    assert finding.fix == "`nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`"
+
+
+@pytest.mark.parametrize(("free_gib", "severity"), [(0.5, "error"), (5, "warning"), (50, "ok")])
+def test_disk_space(tmp_path: Path, free_gib: float, severity: str) -> None:
+    report = run_doctor(make_probe(tmp_path, free_gib=free_gib), DOCKER)
+    finding = by_id(report, "disk.image_store")
+    assert finding.severity == severity
+    assert "/var/lib/docker" in finding.title
+    assert report.ok is (severity != "error")
+
+
+def test_disk_measured_on_nearest_existing_folder(tmp_path: Path) -> None:
+    seen: list[Path] = []
+
+    def free(path: Path) -> int:
+        seen.append(path)
+        return 100 * GIB
+
+    probe = make_probe(tmp_path, {"var/lib/.keep": ""})
+    probe.free_bytes = free
+    finding = by_id(run_doctor(probe, ROOTLESS_PODMAN), "disk.image_store")
+    # The rootless store lives under the boinc user's home, absent here.
+    assert "/var/lib/boinc/.local/share/containers/storage" in finding.title
+    assert seen == [tmp_path / "var/lib"]
+
+
+def test_disk_uses_given_store_path(tmp_path: Path) -> None:
+    probe = make_probe(tmp_path)
+    probe.image_store = Path("/data/images")
+    assert "/data/images" in by_id(run_doctor(probe, DOCKER), "disk.image_store").title
+
+
+def test_boinc_missing(tmp_path: Path) -> None:
+    probe = make_probe(tmp_path, commands={})
+    probe.run = FakeRunner({})
+    report = run_doctor(probe, DOCKER)
+    assert by_id(report, "boinc.client").severity == "warning"
+    assert by_id(report, "boinc.user").severity == "warning"
+
+
+def test_macos_recommends_docker_desktop(tmp_path: Path) -> None:
+    probe = make_probe(tmp_path, system="Darwin", healthy=False)
+    report = run_doctor(probe, DOCKER)
+    assert report.recommendation.runtime == "docker-desktop"
+    assert "cgroup.version" not in ids(report)
+
+
+def test_without_engine_facts_only_host_checks_run(tmp_path: Path) -> None:
+    report = run_doctor(make_probe(tmp_path), None)
+    assert not {"engine.reachable", "security.docker_group"} & ids(report)
+    assert "cgroup.version" in ids(report)
+
+
+def test_render_text(tmp_path: Path) -> None:
+    engine = EngineFacts(False, "docker", None, False, "/var/run/docker.sock", "Permission denied")
+    text = run_doctor(make_probe(tmp_path), engine).render_text()
+    assert "[FAIL] No permission on the engine socket /var/run/docker.sock" in text
+    assert "fix: Run the daemon as root" in text
+    assert "Recommended runtime:" in text
+    assert text.rstrip().endswith("tasks cannot run until the errors are fixed.")
+    assert all(len(line) <= 88 for line in text.splitlines())
+
+
+def test_run_command_reports_missing_tool() -> None:
+    result = run_command(["boincd-no-such-tool-here", "--version"])
+    assert result.returncode == 127
+    assert run_command(["true"]).returncode == 0
+
+
+def test_cgroup_v1_with_rootless_docker_cannot_limit(tmp_path: Path) -> None:
+    engine = EngineFacts(True, "docker", "24.0.7", True, "/run/user/1000/docker.sock", None)
+    probe = make_probe(tmp_path, {"proc/cgroups": V1_TABLE})
+    (tmp_path / "sys/fs/cgroup/cgroup.controllers").unlink()
+    assert "rootless Docker" in by_id(run_doctor(probe, engine), "cgroup.version").title
