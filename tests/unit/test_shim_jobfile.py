@@ -1,0 +1,357 @@
+"""job.toml: docker_wrapper's keys, our keys, and the errors a project admin reads."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from boincd_containers.shim.jobfile import JobError, JobSpec, load_job, resolve_soft_link
+
+
+@dataclass
+class Dirs:
+    slot: Path
+    project: Path
+
+    def job(self, text: str) -> JobSpec:
+        (self.slot / "job.toml").write_text(text)
+        return load_job(self.slot, self.project)
+
+    def error(self, text: str) -> str:
+        with pytest.raises(JobError) as info:
+            self.job(text)
+        return str(info.value)
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> Dirs:
+    # The client's layout: <data>/slots/N and <data>/projects/<url_dir>.
+    slot = tmp_path / "slots" / "0"
+    project = tmp_path / "projects" / "example.org_sci"
+    slot.mkdir(parents=True)
+    project.mkdir(parents=True)
+    return Dirs(slot.resolve(), project.resolve())
+
+
+def test_minimal_job_takes_the_defaults(dirs: Dirs) -> None:
+    spec = dirs.job('image = "busybox:1.36"\n')
+    assert spec.image == "busybox:1.36"
+    assert spec.source == "pull"
+    assert spec.workdir == "/app"
+    assert spec.command is None
+    assert spec.project_dir_mount is None
+    assert not spec.use_gpu
+    assert not spec.network
+    assert spec.fraction_done_filename == "fraction_done"
+    assert spec.checkpoint_filename is None
+    assert spec.mounts == ()
+    assert spec.build_args == ()
+    assert spec.verbose == 1
+    assert spec.warnings == ()
+    assert spec.slot_dir == str(dirs.slot)
+    assert spec.project_dir == str(dirs.project)
+
+
+def test_full_job_and_its_request(dirs: Dirs) -> None:
+    (dirs.slot / "data").mkdir()
+    (dirs.project / "ref").mkdir()
+    spec = dirs.job(
+        """
+image_name = "registry.example.org:5000/sci/app:2.1"
+command = ["/bin/run", "--steps", "10"]
+workdir = "/work/"
+project_dir_mount = "/project"
+use_gpu = true
+network = true
+fraction_done_filename = "progress/fd"
+checkpoint_filename = "state.chk"
+mount = ["data:/data", { source = "../../projects/example.org_sci/ref", target = "/ref" }]
+build_args = { VERSION = "2" }
+verbose = 2
+"""
+    )
+    assert spec.workdir == "/work"
+    assert spec.command == ("/bin/run", "--steps", "10")
+    assert spec.checkpoint_filename == "state.chk"
+    assert spec.fraction_done_filename == "progress/fd"
+    request = spec.to_request()
+    assert json.loads(json.dumps(request)) == request
+    assert request == {
+        "source": "pull",
+        "image": "registry.example.org:5000/sci/app:2.1",
+        "image_archive": None,
+        "image_digest": None,
+        "dockerfile": None,
+        "build_context": None,
+        "build_args": {"VERSION": "2"},
+        "command": ["/bin/run", "--steps", "10"],
+        "workdir": "/work",
+        "project_dir_mount": "/project",
+        "use_gpu": True,
+        "network": True,
+        "mounts": [
+            {"source": str(dirs.slot / "data"), "target": "/data", "read_only": False},
+            # Anything from the project dir is read-only.
+            {"source": str(dirs.project / "ref"), "target": "/ref", "read_only": True},
+        ],
+        "slot_dir": str(dirs.slot),
+        "project_dir": str(dirs.project),
+        "fraction_done_filename": "progress/fd",
+        "checkpoint_filename": "state.chk",
+        "verbose": 2,
+    }
+
+
+def test_docker_wrapper_job_is_accepted(dirs: Dirs) -> None:
+    # samples/docker_wrapper/test/job.toml plus the other keys its parser reads.
+    (dirs.slot / "Dockerfile").write_text("FROM busybox\n")
+    (dirs.slot / "out").mkdir()
+    spec = dirs.job(
+        """
+project_dir_mount = "/project"
+mount = ["out:/out:rw"]
+build_args = "--build-arg A=1 --build-arg=B='two words'"
+create_args = "--privileged"
+portmap = ["8080:80"]
+web_graphics_guest_port = 80
+verbose = 1
+"""
+    )
+    assert spec.source == "build"
+    assert spec.dockerfile == str(dirs.slot / "Dockerfile")
+    assert spec.to_request()["build_context"] == str(dirs.slot)
+    assert spec.build_args == (("A", "1"), ("B", "two words"))
+    assert spec.mounts[0].read_only is False
+    assert len(spec.warnings) == 3
+    assert any("create_args is ignored" in w for w in spec.warnings)
+
+
+def test_image_with_a_dockerfile_pulls_but_keeps_the_dockerfile(dirs: Dirs) -> None:
+    (dirs.slot / "Dockerfile").write_text("FROM busybox\n")
+    spec = dirs.job('image = "sci"\n')
+    assert spec.source == "pull"
+    assert spec.dockerfile == str(dirs.slot / "Dockerfile")
+
+
+def test_image_archive_in_slot_through_a_soft_link(dirs: Dirs) -> None:
+    (dirs.project / "img_v1.tar").write_bytes(b"tar")
+    # What the client writes for an input file that is not copied.
+    (dirs.slot / "image.tar").write_text(
+        "<soft_link>../../projects/example.org_sci/img_v1.tar</soft_link>\n"
+    )
+    spec = dirs.job(f'image_archive = "image.tar"\nimage_digest = "{"AB" * 32}"\n')
+    assert spec.source == "load"
+    assert spec.image_archive == str(dirs.project / "img_v1.tar")
+    assert spec.image_digest == "sha256:" + "ab" * 32
+
+
+def test_image_archive_by_its_name_in_the_project_dir(dirs: Dirs) -> None:
+    (dirs.project / "img.tar").write_bytes(b"tar")
+    spec = dirs.job('image_archive = "img.tar"\nimage = "sci:1"\n')
+    assert spec.source == "load"
+    assert spec.image == "sci:1"
+    assert spec.image_archive == str(dirs.project / "img.tar")
+
+
+def test_job_toml_itself_may_be_a_soft_link(dirs: Dirs) -> None:
+    (dirs.project / "job_v2.toml").write_text('image = "sci:2"\n')
+    (dirs.slot / "job.toml").write_text(
+        "<soft_link>../../projects/example.org_sci/job_v2.toml</soft_link>\n"
+    )
+    assert load_job(dirs.slot, dirs.project).image == "sci:2"
+
+
+def test_resolve_soft_link_leaves_other_files_alone(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("data")
+    assert resolve_soft_link(plain) == plain
+    assert resolve_soft_link(tmp_path / "absent") == tmp_path / "absent"
+
+
+def test_missing_job_toml(dirs: Dirs) -> None:
+    with pytest.raises(JobError, match=r"no job\.toml in the slot directory"):
+        load_job(dirs.slot, dirs.project)
+
+
+def test_invalid_toml_shows_the_line(dirs: Dirs) -> None:
+    assert "not valid TOML" in dirs.error('image = "a"\nimage = "b"\n')
+    assert "line 2" in dirs.error('image = "a"\nuse_gpu = yes\n')
+
+
+def test_not_utf8(dirs: Dirs) -> None:
+    (dirs.slot / "job.toml").write_bytes(b'image = "\xff"\n')
+    with pytest.raises(JobError, match="UTF-8"):
+        load_job(dirs.slot, dirs.project)
+
+
+def test_unknown_key_suggests_and_lists(dirs: Dirs) -> None:
+    msg = dirs.error('image = "a"\nuse_gpus = true\n')
+    assert "job.toml: unknown key 'use_gpus' (did you mean 'use_gpu'?)" in msg
+    assert "allowed keys:" in msg
+    assert "fraction_done_filename" in msg
+
+
+def test_unknown_table(dirs: Dirs) -> None:
+    assert "unknown key 'resources'" in dirs.error('image = "a"\n[resources]\ncpus = 2\n')
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('use_gpu = "yes"', "use_gpu: must be true or false, not the string 'yes'"),
+        ("network = 1", "network: must be true or false, not the integer 1"),
+        ('command = "run.sh"', "command: must be a list of strings, not the string 'run.sh'"),
+        ('command = ["run", 3]', "command[1]: must be a string, not the integer 3"),
+        ("command = []", "command: is empty; leave it out"),
+        ("workdir = 5", "workdir: must be a string, not the integer 5"),
+        ('workdir = "app"', "workdir: 'app' must be an absolute path in the container"),
+        ('workdir = "/"', "workdir: the container's root directory cannot be a mount point"),
+        ('workdir = "/a/../b"', "workdir: '/a/../b' must not contain ':' or '..'"),
+        ('project_dir_mount = "/app"', "project_dir_mount: must differ from workdir"),
+        ("verbose = 7", "verbose: must be 0, 1 or 2"),
+        ('fraction_done_filename = "/tmp/fd"', "fraction_done_filename: '/tmp/fd' must be"),
+        ('checkpoint_filename = "../x"', "checkpoint_filename: '../x' must be a file name"),
+        ("build_args = 3", "build_args: must be a table or a string, not the integer 3"),
+        ('build_args = "--network host"', "build_args: '--network' is not supported"),
+        ('build_args = "--build-arg A"', "build_args: '--build-arg A' needs NAME=VALUE"),
+        ('build_args = { "A-B" = "1" }', "build_args: 'A-B' is not a valid build argument name"),
+        ("build_args = { A = 1 }", "build_args.A: must be a string, not the integer 1"),
+        ("web_graphics_guest_port = true", "web_graphics_guest_port: must be an integer"),
+        ('portmap = "80:80"', "portmap: must be a list"),
+        ('image_digest = "sha256:abc"', "image_digest: 'sha256:abc' must be 'sha256:' and 64"),
+        (f'image_digest = "{"a" * 64}"', "image_digest: checks an image_archive"),
+    ],
+)
+def test_wrong_values_explain_themselves(dirs: Dirs, line: str, expected: str) -> None:
+    msg = dirs.error(f'image = "sci"\n{line}\n')
+    assert msg.startswith("job.toml: ")
+    assert expected in msg
+
+
+@pytest.mark.parametrize("image", ["Sci/App", "sci app", "sci:", "-sci", "sci@sha256:xyz", ""])
+def test_bad_image_references(dirs: Dirs, image: str) -> None:
+    assert "is not an image reference" in dirs.error(f'image = "{image}"\n')
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["busybox", "localhost:5000/busybox:1.36", "ghcr.io/a/b-c_d", f"sci@sha256:{'a' * 64}"],
+)
+def test_good_image_references(dirs: Dirs, image: str) -> None:
+    assert dirs.job(f'image = "{image}"\n').image == image
+
+
+def test_image_and_image_name_together(dirs: Dirs) -> None:
+    assert "not both" in dirs.error('image = "a"\nimage_name = "b"\n')
+
+
+def test_no_image_at_all(dirs: Dirs) -> None:
+    msg = dirs.error("use_gpu = true\n")
+    assert "no image given" in msg
+    assert "Dockerfile" in msg
+
+
+def test_image_archive_outside_is_refused(dirs: Dirs, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.tar"
+    outside.write_bytes(b"tar")
+    (dirs.slot / "img.tar").symlink_to(outside)
+    assert "outside the slot directory or the project directory" in dirs.error(
+        'image_archive = "img.tar"\n'
+    )
+    assert "is absolute" in dirs.error(f'image_archive = "{outside}"\n')
+    assert "exists neither in the slot nor in the project" in dirs.error(
+        'image_archive = "nope.tar"\n'
+    )
+    (dirs.slot / "adir").mkdir()
+    assert "is not a file" in dirs.error('image_archive = "adir"\n')
+
+
+class TestMounts:
+    def test_absolute_source_is_refused(self, dirs: Dirs) -> None:
+        msg = dirs.error('image = "a"\nmount = ["/etc:/etc"]\n')
+        assert "job.toml: mount[0]: '/etc' is absolute" in msg
+
+    def test_dotdot_escape_is_refused(self, dirs: Dirs) -> None:
+        (dirs.slot.parent / "1").mkdir()
+        msg = dirs.error('image = "a"\nmount = ["../1:/other"]\n')
+        assert "'../1' leads to" in msg
+        assert "outside the slot directory or the project directory" in msg
+
+    def test_symlink_escape_is_refused(self, dirs: Dirs, tmp_path: Path) -> None:
+        (dirs.slot / "sneaky").symlink_to("/etc")
+        assert "'sneaky' leads to /etc, outside" in dirs.error(
+            'image = "a"\nmount = ["sneaky:/x"]\n'
+        )
+
+    def test_symlink_inside_is_followed(self, dirs: Dirs) -> None:
+        (dirs.slot / "real").mkdir()
+        (dirs.slot / "alias").symlink_to(dirs.slot / "real")
+        spec = dirs.job('image = "a"\nmount = ["alias:/x:ro"]\n')
+        assert spec.mounts[0].source == str(dirs.slot / "real")
+        assert spec.mounts[0].read_only
+
+    def test_missing_source(self, dirs: Dirs) -> None:
+        assert "'out' does not exist in the slot directory" in dirs.error(
+            'image = "a"\nmount = ["out:/out"]\n'
+        )
+
+    def test_project_dir_cannot_be_mounted_writable(self, dirs: Dirs) -> None:
+        assert "which is read-only" in dirs.error(
+            'image = "a"\nmount = ["../../projects/example.org_sci:/p:rw"]\n'
+        )
+        assert "which is read-only" in dirs.error(
+            'image = "a"\nmount = [{ source = "../../projects/example.org_sci", '
+            'target = "/p", read_only = false }]\n'
+        )
+
+    @pytest.mark.parametrize(
+        ("item", "expected"),
+        [
+            ('"data"', "must look like 'SOURCE:TARGET'"),
+            ('"data:/d:z"', "mode 'z' in 'data:/d:z' must be 'ro' or 'rw'"),
+            ('"data:rel"', "mount[0] target: 'rel' must be an absolute path"),
+            ('"data:/app"', "target '/app' is already a mount point"),
+            ("3", "must be a string 'SOURCE:TARGET' or a table, not the integer 3"),
+            ('{ source = "data" }', "needs both 'source' and 'target'"),
+            ('{ source = "data", target = "/d", mode = "ro" }', "unknown key 'mode'"),
+            ('{ source = "data", target = "/d", read_only = "no" }', "read_only: must be true"),
+            (':"/d"', "must be a list"),
+        ],
+    )
+    def test_malformed(self, dirs: Dirs, item: str, expected: str) -> None:
+        (dirs.slot / "data").mkdir()
+        text = (
+            f'image = "a"\nmount = [{item}]\n'
+            if not item.startswith(":")
+            else (f'image = "a"\nmount = {item[1:]}\n')
+        )
+        assert expected in dirs.error(text)
+
+    def test_duplicate_targets(self, dirs: Dirs) -> None:
+        (dirs.slot / "a").mkdir()
+        (dirs.slot / "b").mkdir()
+        assert "mount[1]: target '/x' is already a mount point" in dirs.error(
+            'image = "a"\nmount = ["a:/x", "b:/x/"]\n'
+        )
+
+
+def test_slot_dir_is_resolved(tmp_path: Path) -> None:
+    real = tmp_path / "real_slot"
+    real.mkdir()
+    link = tmp_path / "slot_link"
+    link.symlink_to(real)
+    (real / "job.toml").write_text('image = "a"\n')
+    spec = load_job(link)
+    assert spec.slot_dir == str(real.resolve())
+    assert spec.project_dir is None
+    assert os.path.isdir(spec.slot_dir)
+
+
+def test_project_dir_mount_needs_a_project_dir(tmp_path: Path) -> None:
+    (tmp_path / "job.toml").write_text('image = "a"\nproject_dir_mount = "/p"\n')
+    with pytest.raises(JobError, match="project directory is not known"):
+        load_job(tmp_path)
