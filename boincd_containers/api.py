@@ -86,6 +86,11 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(await request.app[DAEMON].status())
 
 
+@routes.get("/v1/gpus")
+async def gpus(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[DAEMON].gpus.snapshot())
+
+
 @routes.get("/v1/tasks")
 async def list_tasks(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]

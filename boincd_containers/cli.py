@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
 
     install = commands.add_parser("install", help="install the boot-time service")
     install.add_argument("--dry-run", action="store_true", help="say what would be done")
+    install.add_argument(
+        "--rootless", action="store_true", help="run as the BOINC user with rootless Podman"
+    )
     return parser
 
 
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "install":
         from . import install
 
-        return install.main(dry_run=args.dry_run)
+        return install.main(dry_run=args.dry_run, rootless=args.rootless)
     return 2
 
 

@@ -151,6 +151,8 @@ class Registry:
         self.tasks: dict[str, TaskRecord] = {}
         self.engine_error: str | None = "not connected yet"
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Called for each container adopted on a re-list (GPU shares are rebuilt so).
+        self.on_adopt: list[Callable[[TaskRecord, dict[str, str]], None]] = []
 
     @property
     def owner_labels(self) -> dict[str, str]:
@@ -183,6 +185,9 @@ class Registry:
             result = labels[L.RESULT]
             record = self.tasks.get(result) or TaskRecord(result, labels.get(L.PROJECT, ""))
             record.apply_inspect(data)
+            if result not in self.tasks:
+                for hook in self.on_adopt:
+                    hook(record, labels)
             self.tasks[result] = record
             seen.add(result)
         for result, record in list(self.tasks.items()):

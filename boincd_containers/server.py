@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from . import sdnotify
 from .api import make_app
 from .errors import BoincdError
 from .log import get_logger
@@ -58,6 +59,16 @@ def secure_socket(path: Path, group: str | None) -> None:
     os.chmod(path, 0o660)
 
 
+async def _watchdog() -> None:
+    """Tell systemd we are alive, at half its WatchdogSec, while the loop turns."""
+    interval = sdnotify.watchdog_interval()
+    if interval is None:
+        return
+    while True:
+        sdnotify.watchdog()
+        await asyncio.sleep(interval / 2)
+
+
 async def run(settings: Settings) -> None:
     daemon = Daemon(settings)
     app = make_app(daemon)
@@ -74,7 +85,12 @@ async def run(settings: Settings) -> None:
         await site.start()
         secure_socket(socket_path, settings.socket_group)
         log.info("listening", socket=str(socket_path))
-        await stop.wait()
+        sdnotify.ready("serving on " + str(socket_path))
+        async with asyncio.TaskGroup() as group:
+            watchdog = group.create_task(_watchdog())
+            await stop.wait()
+            watchdog.cancel()
+        sdnotify.stopping()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

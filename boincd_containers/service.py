@@ -15,8 +15,11 @@ from aiohttp import web
 
 from .engine import Engine
 from .errors import BoincdError
+from .gpu import GpuAllocator, default_backends
+from .gpus import GpuService
 from .images import ImageCache
 from .log import get_logger
+from .monitor import Monitor
 from .peercred import writer_uids
 from .providers import StatusProvider
 from .registry import Registry, TaskRecord
@@ -59,14 +62,20 @@ class Daemon:
         self.engine = Engine(settings.docker_host, settings.engine_timeout_s)
         self.registry = Registry(self.engine, self.instance_id)
         self.images = ImageCache(self.engine, self.state_dir, self.instance_id)
-        self.tasks = TaskManager(settings, self.engine, self.registry, self.images)
-        self.extra_status: list[StatusProvider] = []
+        self.monitor = Monitor(self.registry)
+        self.gpus = GpuService(GpuAllocator(default_backends()), self.registry)
+        self.registry.on_adopt.append(self.gpus.restore)
+        self.tasks = TaskManager(settings, self.engine, self.registry, self.images, self.gpus)
+        self.extra_status: list[StatusProvider] = [self.monitor, self.gpus]
         self.writer_uids = writer_uids(settings.boinc_user)
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: background loops live exactly as long as the app."""
         async with asyncio.TaskGroup() as group:
-            loops = [group.create_task(self.registry.follow(self.settings.relist_interval_s))]
+            loops = [
+                group.create_task(self.registry.follow(self.settings.relist_interval_s)),
+                group.create_task(self.monitor.run(self.settings.sample_interval_s)),
+            ]
             log.info("daemon started", instance_id=self.instance_id, socket=self.settings.socket)
             yield
             # Ordered shutdown: stop taking work, stop loops, then let go of the
@@ -77,6 +86,7 @@ class Daemon:
         await self.tasks.close()
         await self.images.close()
         await self.engine.close()
+        self.gpus.allocator.close()
 
     def task_json(self, record: TaskRecord) -> dict[str, Any]:
         data = record.to_json()

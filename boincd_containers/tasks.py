@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import labels as L
 from .engine import Engine
@@ -22,14 +22,14 @@ from .registry import Registry, TaskRecord
 from .settings import Settings
 from .taskspec import TaskRequest, check_paths, container_config
 
+if TYPE_CHECKING:
+    from .gpus import GpuService
+
 log = get_logger(__name__)
 
 _RECHECK_S = 2.0  # how often a waiter checks the engine itself, in case an event was lost
 
 # Hooks a GPU allocator plugs in: (request) -> (env, device_requests, devices, labels)
-GpuHook = Callable[
-    [TaskRequest], tuple[dict[str, str], list[dict[str, Any]], list[dict[str, Any]], dict[str, str]]
-]
 
 
 class TaskManager:
@@ -39,15 +39,13 @@ class TaskManager:
         engine: Engine,
         registry: Registry,
         images: ImageCache,
-        gpu_hook: GpuHook | None = None,
-        gpu_release: Callable[[str], None] | None = None,
+        gpus: GpuService | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.registry = registry
         self.images = images
-        self.gpu_hook = gpu_hook
-        self.gpu_release = gpu_release
+        self.gpus = gpus
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._preparing: dict[str, asyncio.Task[None]] = {}
 
@@ -104,12 +102,6 @@ class TaskManager:
 
         try:
             image = await self.images.ensure(request, progress)
-            env: dict[str, str] = {}
-            device_requests: list[dict[str, Any]] = []
-            devices: list[dict[str, Any]] = []
-            extra_labels: dict[str, str] = {}
-            if self.gpu_hook is not None:
-                env, device_requests, devices, extra_labels = self.gpu_hook(request)
             config = container_config(
                 request,
                 image,
@@ -118,11 +110,10 @@ class TaskManager:
                 gid=gid,
                 pids_limit=self.settings.pids_limit,
                 network_name=self.settings.network_name,
-                extra_env=env,
-                device_requests=device_requests,
-                devices=devices,
-                extra_labels=extra_labels,
             )
+            if self.gpus is not None:
+                kind = self.engine.info.kind if self.engine.info else "docker"
+                config = await self.gpus.apply(request, config, kind)
             async with self.locked(request.result):
                 container_id = await self.engine.create_container(request.name, config)
                 record.container_id = container_id
@@ -133,8 +124,8 @@ class TaskManager:
                 )
         except BoincdError as exc:
             record.state, record.error = "failed", exc
-            if self.gpu_release is not None:
-                self.gpu_release(request.result)
+            if self.gpus is not None:
+                self.gpus.release(request.result)
             log.warning("task preparation failed", result=request.result, error=exc.message)
             record.notify()
         except Exception as exc:  # a bug: report it on the task instead of losing it
@@ -208,8 +199,8 @@ class TaskManager:
             record = self.registry.tasks.pop(result, None)
             if record is not None and record.container_id:
                 await self.engine.remove_container(record.container_id)
-            if self.gpu_release is not None:
-                self.gpu_release(result)
+            if self.gpus is not None:
+                self.gpus.release(result)
             if record is not None:
                 record.state = "removed"
                 record.notify()

@@ -196,10 +196,6 @@ def container_config(
     gid: int,
     pids_limit: int,
     network_name: str,
-    extra_env: dict[str, str] | None = None,
-    device_requests: list[dict[str, Any]] | None = None,
-    devices: list[dict[str, Any]] | None = None,
-    extra_labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The Engine API create body: locked down by default, loosened only where the job asks."""
     slot = os.path.realpath(request.slot_dir)
@@ -239,16 +235,11 @@ def container_config(
         memory = max(request.memory_bytes, MIN_MEMORY_BYTES)
         # Same as Memory: no swap beyond the bound BOINC gave the task.
         host_config.update({"Memory": memory, "MemorySwap": memory})
-    if device_requests:
-        host_config["DeviceRequests"] = device_requests
-    if devices:
-        host_config["Devices"] = devices
     env = {
         "BOINC_RESULT": request.result,
         "BOINC_PROJECT": request.project,
         "BOINC_NCPUS": f"{request.ncpus:g}",
         **request.env,
-        **(extra_env or {}),
     }
     task_labels = {
         L.OWNER: owner_id,
@@ -260,7 +251,6 @@ def container_config(
         L.NETWORK: "1" if request.network else "0",
         L.DISK_BOUND: str(request.disk_bytes),
         L.MEMORY_BOUND: str(request.memory_bytes),
-        **(extra_labels or {}),
     }
     config: dict[str, Any] = {
         "Image": image,
