@@ -127,6 +127,7 @@ def _verb(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 routes.post("/v1/tasks/{result}/start")(_verb("start"))
 routes.post("/v1/tasks/{result}/pause")(_verb("pause"))
 routes.post("/v1/tasks/{result}/resume")(_verb("resume"))
+routes.post("/v1/tasks/{result}/detach")(_verb("detach"))
 
 
 @routes.post("/v1/tasks/{result}/network")

@@ -65,3 +65,11 @@ class ResourceBusy(BoincdError):
     code = "busy"
     http_status = 409
     default_retryable = True
+
+
+class NetworkSuspended(BoincdError):
+    """The task needs the network (a pull) while BOINC has network activity suspended."""
+
+    code = "network_suspended"
+    http_status = 409
+    default_retryable = True

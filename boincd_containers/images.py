@@ -19,7 +19,7 @@ from typing import Any
 
 from . import labels as L
 from .engine import Engine
-from .errors import BadRequest, ImageError, NotFound
+from .errors import BadRequest, ImageError, NetworkSuspended, NotFound
 from .log import get_logger
 from .taskspec import TaskRequest
 
@@ -105,6 +105,11 @@ class ImageCache:
             return ref
         except NotFound:
             pass
+        if not request.allow_fetch:
+            raise NetworkSuspended(
+                f"image {ref} is not here and BOINC has network activity suspended: "
+                "the task waits for the network to pull it"
+            )
         log.info("pulling image", image=ref, result=request.result)
         self.operations += 1
 
@@ -119,14 +124,16 @@ class ImageCache:
         return ref
 
     def _find_archive(self, request: TaskRequest) -> Path:
+        """A name in the slot or project dir, or an absolute path inside one of them."""
         name = request.image_archive or ""
-        if os.path.isabs(name) or ".." in Path(name).parts:
-            raise BadRequest(
-                f"image_archive {name!r} must be a file name in the slot or project dir"
-            )
-        for folder in (request.slot_dir, request.project_dir):
-            if folder and (Path(folder) / name).is_file():
-                return (Path(folder) / name).resolve()
+        roots = [Path(d).resolve() for d in (request.slot_dir, request.project_dir) if d]
+        candidates = [Path(name)] if os.path.isabs(name) else [r / name for r in roots]
+        for candidate in candidates:
+            real = candidate.resolve()
+            if not any(real == r or r in real.parents for r in roots):
+                raise BadRequest(f"image_archive {name!r} is outside the slot and project dirs")
+            if real.is_file():
+                return real
         raise ImageError(f"image_archive {name!r} is in neither the slot nor the project dir")
 
     async def _load(self, archive: Path, request: TaskRequest, progress: Progress | None) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -64,6 +64,8 @@ class TaskRecord:
     error: BoincdError | None = None
     progress: str = ""
     last_seen: float = field(default_factory=time.time)
+    # Left paused by a shim that quit: see `interrupted`.
+    detached: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def notify(self) -> None:
@@ -84,6 +86,28 @@ class TaskRecord:
             and (self.exit_code or 0) in _SHUTDOWN_EXIT_CODES
             and not self.oom_killed
         )
+
+    @property
+    def killed_while_detached(self) -> bool:
+        """SIGKILLed after its shim quit: the BOINC client's cleanup, not the app.
+
+        A client that shuts down reads no more app_status after <quit/>, so the
+        shim cannot withdraw other_pid; the client then SIGKILLs the container's
+        init when it cleans up (on cgroup v1 the kill waits, pending, until the
+        container is unpaused).
+        """
+        return (
+            self.detached
+            and self.state == "exited"
+            and self.exit_code == 137
+            and not self.oom_killed
+        )
+
+    @property
+    def interrupted(self) -> bool:
+        """The task did not finish: start the container again (the app resumes
+        from its own checkpoint files in the slot)."""
+        return self.interrupted_by_reboot or self.killed_while_detached
 
     def apply_inspect(self, data: dict[str, Any]) -> None:
         state = data.get("State") or {}
@@ -129,7 +153,8 @@ class TaskRecord:
             "pid": self.pid,
             "exit_code": self.exit_code,
             "oom_killed": self.oom_killed,
-            "interrupted_by_reboot": self.interrupted_by_reboot,
+            "interrupted": self.interrupted,
+            "detached": self.detached,
             "slot_dir": self.slot_dir,
             "image": self.image,
             "image_id": self.image_id,
@@ -150,6 +175,8 @@ class Registry:
         self.instance_id = instance_id
         self.tasks: dict[str, TaskRecord] = {}
         self.engine_error: str | None = "not connected yet"
+        # Results whose shim quit and left the container paused (kept by TaskManager).
+        self.detached: Container[str] = frozenset()
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         # Called for each container adopted on a re-list (GPU shares are rebuilt so).
         self.on_adopt: list[Callable[[TaskRecord, dict[str, str]], None]] = []
@@ -185,6 +212,7 @@ class Registry:
             result = labels[L.RESULT]
             record = self.tasks.get(result) or TaskRecord(result, labels.get(L.PROJECT, ""))
             record.apply_inspect(data)
+            record.detached = result in self.detached
             if result not in self.tasks:
                 for hook in self.on_adopt:
                     hook(record, labels)
@@ -199,7 +227,9 @@ class Registry:
 
     async def refresh(self, record: TaskRecord) -> TaskRecord:
         try:
-            record.apply_inspect(await self.engine.inspect_container(record.container_id))
+            data = await self.engine.inspect_container(record.container_id)
+            record.detached = record.result in self.detached
+            record.apply_inspect(data)
         except NotFound:
             record.state = "removed"
             record.notify()

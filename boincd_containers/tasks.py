@@ -11,6 +11,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import labels as L
@@ -18,6 +19,7 @@ from .engine import Engine
 from .errors import BoincdError, Conflict, NotFound
 from .images import ImageCache
 from .log import get_logger
+from .persist import PersistentSet
 from .registry import Registry, TaskRecord
 from .settings import Settings
 from .taskspec import TaskRequest, check_paths, container_config
@@ -48,6 +50,8 @@ class TaskManager:
         self.gpus = gpus
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._preparing: dict[str, asyncio.Task[None]] = {}
+        self.detached = PersistentSet(Path(settings.state_dir) / "detached.json")
+        registry.detached = self.detached
 
     @asynccontextmanager
     async def locked(self, result: str) -> AsyncIterator[None]:
@@ -152,10 +156,16 @@ class TaskManager:
         async with self.locked(result):
             record = self._ready(result)
             await self.registry.refresh(record)
-            if record.state == "created" or record.interrupted_by_reboot:
-                if record.interrupted_by_reboot:
-                    log.info("restarting task interrupted by a reboot", result=result)
+            if record.state == "created" or record.interrupted:
+                if record.interrupted:
+                    log.info(
+                        "restarting an interrupted task",
+                        result=result,
+                        reboot=record.interrupted_by_reboot,
+                        killed_while_detached=record.killed_while_detached,
+                    )
                 await self.engine.start_container(record.container_id)
+                self.detached.discard(result)
             elif record.state == "paused":
                 await self.engine.unpause_container(record.container_id)
             return await self.registry.refresh(record)
@@ -163,6 +173,16 @@ class TaskManager:
     async def pause(self, result: str) -> TaskRecord:
         async with self.locked(result):
             record = self._ready(result)
+            if record.state == "running":
+                await self.engine.pause_container(record.container_id)
+            return await self.registry.refresh(record)
+
+    async def detach(self, result: str) -> TaskRecord:
+        """The shim quits: leave the container paused for the next shim, and remember
+        it, so that a kill by the client's cleanup is told from the app's own exit."""
+        async with self.locked(result):
+            record = self._ready(result)
+            self.detached.add(result)
             if record.state == "running":
                 await self.engine.pause_container(record.container_id)
             return await self.registry.refresh(record)
@@ -201,6 +221,7 @@ class TaskManager:
                 await self.engine.remove_container(record.container_id)
             if self.gpus is not None:
                 self.gpus.release(result)
+            self.detached.discard(result)
             if record is not None:
                 record.state = "removed"
                 record.notify()

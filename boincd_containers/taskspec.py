@@ -55,6 +55,8 @@ class TaskRequest:
     gpu: GpuRequest | None = None
     env: dict[str, str] = field(default_factory=dict)
     read_only_root: bool = False
+    # False while BOINC has network activity suspended: no pull, wait instead.
+    allow_fetch: bool = True
 
     @property
     def name(self) -> str:
@@ -138,6 +140,7 @@ def parse_request(body: Any) -> TaskRequest:
         gpu=gpu,
         env=_str_dict(body, "env"),
         read_only_root=bool(_get(body, "read_only_root", bool, False)),
+        allow_fetch=bool(_get(body, "allow_fetch", bool, True)),
     )
     if not (request.image or request.image_archive or request.build):
         raise BadRequest(

@@ -1,0 +1,345 @@
+"""The shim's main loop: the BOINC client on one side, the daemon on the other.
+
+The loop polls the client's messages every 0.1 s and reconciles the container
+with what the client wants (running or paused); once a second it reports
+CPU time, fraction done and other_pid. Every exit path first withdraws
+other_pid, because the client SIGKILLs that pid when it cleans up the task.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .boinc_api import (
+    EXIT_ABORTED_BY_CLIENT,
+    EXIT_QUIT,
+    EXIT_TEMPORARY,
+    AppChannel,
+    ControlMessages,
+    HeartbeatWatchdog,
+    StatusReport,
+    finish_exit_code,
+    write_finish_file,
+    write_temporary_exit_file,
+)
+from .client import DaemonClient, DaemonError, DaemonUnreachable
+from .initdata import InitData
+from .jobfile import JobSpec
+
+TICK_S = 0.1
+STATUS_EVERY_S = 1.0
+WITHDRAW_TIMEOUT_S = 3.0  # the client reads app_status about once a second
+CPU_BASE_FILE = "boincd_cpu_base"  # CPU time the task had when its container started
+
+
+@dataclass
+class ShimConfig:
+    # Past this without the daemon (or with the engine down), give the task back
+    # to the client for a later retry instead of hanging in its slot.
+    unreachable_limit_s: float = float(os.environ.get("BOINCD_SHIM_UNREACHABLE_S", "600"))
+    temporary_exit_delay_s: float = 300.0
+    logs_tail_lines: int = 200
+
+
+def say(text: str) -> None:
+    """stderr.txt is what a volunteer and the project see of the task."""
+    stamp = time.strftime("%H:%M:%S")
+    print(f"{stamp} (boincd-shim) {text}", file=sys.stderr, flush=True)
+
+
+def task_request(init: InitData, job: JobSpec, slot: Path, allow_fetch: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "result": init.result_name,
+        "project": init.project_name,
+        "slot_dir": str(slot),
+        "project_dir": init.project_dir or None,
+        "image": job.image,
+        "image_archive": job.image_archive,
+        "image_digest": job.image_digest,
+        "build": job.image is None and job.image_archive is None and job.dockerfile is not None,
+        "build_args": dict(job.build_args),
+        "command": list(job.command) if job.command is not None else None,
+        "workdir": job.workdir,
+        "project_dir_mount": job.project_dir_mount,
+        "mounts": [m.to_request() for m in job.mounts],
+        "network": job.network,
+        "ncpus": max(init.ncpus, 0.01),
+        "memory_bytes": int(init.rsc_memory_bound),
+        "disk_bytes": int(init.rsc_disk_bound),
+        "allow_fetch": allow_fetch,
+    }
+    if job.use_gpu and init.uses_gpu:
+        body["gpu"] = {
+            "type": init.gpu_type,
+            "device_num": init.gpu_device_num,
+            "usage": init.gpu_usage,
+        }
+    return body
+
+
+class Runner:
+    def __init__(
+        self,
+        init: InitData,
+        job: JobSpec,
+        channel: AppChannel,
+        client: DaemonClient,
+        slot: Path,
+        config: ShimConfig | None = None,
+    ) -> None:
+        self.init = init
+        self.job = job
+        self.channel = channel
+        self.client = client
+        self.slot = slot
+        self.config = config or ShimConfig()
+        self.result = init.result_name
+        self.watchdog = HeartbeatWatchdog(client_pid=init.client_pid)
+        self.suspended = False
+        self.network_suspended = False
+        self.task: dict[str, Any] = {}
+        self.unreachable_since: float | None = None
+        self.last_status = 0.0
+        self.checkpoint_cpu = init.wu_cpu_time
+        self.checkpoint_mtime = self._checkpoint_mtime()
+        self.said: set[str] = set()
+
+    # -- talking to the daemon ---------------------------------------------------
+
+    def _call(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
+        """One daemon call; None while the daemon or engine is unreachable (retried later)."""
+        try:
+            answer = self.client.request(method, path, body, timeout=timeout)
+        except DaemonUnreachable as exc:
+            self._unreachable(str(exc))
+            return None
+        except DaemonError as exc:
+            if exc.retryable:
+                self._unreachable(exc.message, code=exc.code)
+                return None
+            raise
+        if self.unreachable_since is not None:
+            say("the daemon is back")
+            self.said.discard("unreachable")
+        self.unreachable_since = None
+        return answer
+
+    def _unreachable(self, message: str, code: str = "unavailable") -> None:
+        if code in ("network_suspended", "busy"):
+            self._say_once(code, message)
+            return  # waiting for BOINC or for a GPU share is not an outage
+        if self.unreachable_since is None:
+            self.unreachable_since = time.monotonic()
+        self._say_once("unreachable", f"waiting for the daemon: {message}")
+
+    def _say_once(self, key: str, text: str) -> None:
+        if key not in self.said:
+            self.said.add(key)
+            say(text)
+
+    def _give_up_if_unreachable_too_long(self) -> int | None:
+        if self.unreachable_since is None:
+            return None
+        if time.monotonic() - self.unreachable_since < self.config.unreachable_limit_s:
+            return None
+        reason = "boincd-containers daemon or container engine unreachable"
+        say(f"{reason} for {self.config.unreachable_limit_s:.0f} s: temporary exit")
+        self._withdraw_other_pid()
+        write_temporary_exit_file(self.slot, self.config.temporary_exit_delay_s, reason)
+        return EXIT_TEMPORARY
+
+    # -- the loop ----------------------------------------------------------------
+
+    def run(self) -> int:
+        for warning in self.job.warnings:
+            say(f"job.toml: {warning}")
+        while True:
+            messages = self.channel.poll()
+            self.watchdog.observe(messages)
+            outcome = self._handle_messages(messages)
+            if outcome is not None:
+                return outcome
+            if not self.task or self.task.get("state") in ("failed", "removed"):
+                self._create()
+            outcome = self._step()
+            if outcome is not None:
+                return outcome
+            outcome = self._give_up_if_unreachable_too_long()
+            if outcome is not None:
+                return outcome
+            time.sleep(TICK_S)
+
+    def _handle_messages(self, messages: ControlMessages) -> int | None:
+        if messages.abort:
+            say("aborted by the client: removing the container")
+            self._call("DELETE", f"/v1/tasks/{self.result}")
+            self._withdraw_other_pid()
+            return EXIT_ABORTED_BY_CLIENT
+        client_gone = not messages.quit and self.watchdog.client_gone()
+        if messages.quit or client_gone:
+            why = "the client is gone" if client_gone else "quit requested"
+            say(f"{why}: leaving the container paused for the next start")
+            if self.task.get("container_id"):
+                self._call("POST", f"/v1/tasks/{self.result}/detach")
+            if not client_gone:
+                self._withdraw_other_pid()
+            return EXIT_QUIT
+        if messages.suspend:
+            self.suspended = True
+        if messages.resume:
+            self.suspended = False
+        if messages.network_suspended != self.network_suspended:
+            self.network_suspended = messages.network_suspended
+            if self.job.network and self.task.get("container_id"):
+                connected = not self.network_suspended
+                if self._call("POST", f"/v1/tasks/{self.result}/network", {"connected": connected}):
+                    say("network " + ("reconnected" if connected else "disconnected (BOINC)"))
+        return None
+
+    def _create(self) -> None:
+        body = task_request(self.init, self.job, self.slot, allow_fetch=not self.network_suspended)
+        try:
+            task = self._call("POST", "/v1/tasks", body)
+        except DaemonError as exc:
+            self._fail(f"the daemon refused the task: {exc.message}")
+        if task is not None:
+            self.task = task
+
+    def _step(self) -> int | None:
+        """Reconcile the container with what the client wants; report once a second."""
+        now = time.monotonic()
+        due = now - self.last_status >= STATUS_EVERY_S
+        state = self.task.get("state")
+        if state in ("preparing", None) or due:
+            self._refresh()
+            state = self.task.get("state")
+        if state == "failed":
+            error = self.task.get("error") or {}
+            if error.get("retryable"):
+                self._unreachable(str(error.get("message")), code=str(error.get("code")))
+            else:
+                self._fail(f"the task cannot run: {error.get('message')}")
+        elif state == "exited" and not self.task.get("interrupted"):
+            return self._finish(int(self.task.get("exit_code") or 0))
+        elif state in ("created", "exited") and not self.suspended:
+            self._start()
+        elif state == "paused" and not self.suspended:
+            self._verb("resume")
+        elif state == "running" and self.suspended:
+            self._verb("pause")
+        if due:
+            self.last_status = now
+            self._report()
+        return None
+
+    def _refresh(self) -> None:
+        task = self._call("GET", f"/v1/tasks/{self.result}") if self.task else None
+        if task is not None:
+            self.task = task
+
+    def _start(self) -> None:
+        cpu_base = self.init.wu_cpu_time
+        (self.slot / CPU_BASE_FILE).write_text(f"{cpu_base}\n")
+        self._verb("start")
+        if self.task.get("state") == "running":
+            say(f"container {str(self.task.get('container_id'))[:12]} running")
+
+    def _verb(self, verb: str) -> None:
+        task = self._call("POST", f"/v1/tasks/{self.result}/{verb}")
+        if task is not None:
+            self.task = task
+
+    # -- reporting ---------------------------------------------------------------
+
+    def _cpu_base(self) -> float:
+        try:
+            return float((self.slot / CPU_BASE_FILE).read_text())
+        except (OSError, ValueError):
+            return self.init.wu_cpu_time
+
+    def _checkpoint_mtime(self) -> float | None:
+        if not self.job.checkpoint_filename:
+            return None
+        try:
+            return (self.slot / self.job.checkpoint_filename).stat().st_mtime
+        except OSError:
+            return None
+
+    def _fraction_done(self) -> float | None:
+        try:
+            text = (self.slot / self.job.fraction_done_filename).read_text().split()
+            return min(max(float(text[0]), 0.0), 1.0) if text else None
+        except (OSError, ValueError):
+            return None
+
+    def _report(self) -> None:
+        cpu = self._cpu_base() + float(self.task.get("cpu_time_s") or 0.0)
+        mtime = self._checkpoint_mtime()
+        if mtime is not None and mtime != self.checkpoint_mtime:
+            # The app rewrote its checkpoint file: that CPU time is now safe.
+            self.checkpoint_mtime = mtime
+            self.checkpoint_cpu = cpu
+        pid = int(self.task.get("pid") or 0)
+        self.channel.send_status(
+            StatusReport(
+                current_cpu_time=max(cpu, self.init.wu_cpu_time),
+                checkpoint_cpu_time=self.checkpoint_cpu,
+                fraction_done=self._fraction_done(),
+                other_pid=pid if pid > 0 else os.getpid(),
+                bytes_sent=float(self.task.get("tx_bytes") or 0),
+                bytes_received=float(self.task.get("rx_bytes") or 0),
+            )
+        )
+
+    def _withdraw_other_pid(self) -> None:
+        """Name our own pid as other_pid and wait until the client has read it."""
+        report = StatusReport(
+            current_cpu_time=self._cpu_base() + float(self.task.get("cpu_time_s") or 0.0),
+            checkpoint_cpu_time=self.checkpoint_cpu,
+            fraction_done=self._fraction_done(),
+            other_pid=os.getpid(),
+        )
+        if not self.channel.deliver_status(report, timeout_s=WITHDRAW_TIMEOUT_S):
+            # A client that is shutting down reads no status after <quit/>; the
+            # daemon then tells its kill of the paused container from a real exit.
+            say("the client did not read the last status (it is probably shutting down)")
+
+    # -- the end -----------------------------------------------------------------
+
+    def _finish(self, exit_code: int) -> int:
+        self._copy_logs()
+        self._report()
+        self._withdraw_other_pid()
+        message = None if exit_code == 0 else f"container exited with status {exit_code}"
+        if exit_code == 137 and self.task.get("oom_killed"):
+            message = "container killed: out of memory (BOINC's memory bound for this task)"
+        say(message or "container finished")
+        write_finish_file(self.slot, exit_code, message)
+        self._call("DELETE", f"/v1/tasks/{self.result}")
+        return finish_exit_code(exit_code)
+
+    def _copy_logs(self) -> None:
+        try:
+            text = self.client.request(
+                "GET", f"/v1/tasks/{self.result}/logs?tail={self.config.logs_tail_lines}"
+            )
+        except (DaemonUnreachable, DaemonError):
+            return
+        if isinstance(text, str) and text:
+            sys.stderr.write("---- container output (last lines) ----\n" + text)
+            if not text.endswith("\n"):
+                sys.stderr.write("\n")
+            sys.stderr.write("---- end of container output ----\n")
+            sys.stderr.flush()
+
+    def _fail(self, message: str) -> None:
+        raise TaskFailed(message)
+
+
+class TaskFailed(Exception):
+    """The task cannot run (bad job, refused by the daemon): fail it, never hang."""
