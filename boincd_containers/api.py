@@ -12,12 +12,13 @@ from .errors import BadRequest, BoincdError, Forbidden
 from .log import get_logger
 from .peercred import peer_credentials
 from .registry import TaskRecord
-from .service import Daemon
+from .service import Daemon, Feature
 from .taskspec import parse_request
 
 log = get_logger(__name__)
 
 DAEMON = web.AppKey("daemon", Daemon)
+FEATURES: tuple[Feature, ...] = ()
 API_VERSION = 1
 _READ_METHODS = {"GET", "HEAD", "OPTIONS"}
 
@@ -174,5 +175,8 @@ def make_app(daemon: Daemon) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=1 << 20)
     app[DAEMON] = daemon
     app.add_routes(routes)
+    # Features own their routes, status fields and loops; see each attach().
+    for feature in FEATURES:
+        feature.attach(daemon, app)
     app.cleanup_ctx.append(daemon.lifecycle)
     return app

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -27,6 +27,12 @@ from .settings import Settings
 from .tasks import TaskManager
 
 log = get_logger(__name__)
+
+
+class Feature(Protocol):
+    """A part of the daemon with its own routes, status fields and loops."""
+
+    def attach(self, daemon: Daemon, app: web.Application) -> None: ...
 
 
 def load_instance_id(state_dir: Path) -> str:
@@ -67,15 +73,18 @@ class Daemon:
         self.registry.on_adopt.append(self.gpus.restore)
         self.tasks = TaskManager(settings, self.engine, self.registry, self.images, self.gpus)
         self.extra_status: list[StatusProvider] = [self.monitor, self.gpus]
+        # Background loops of the features attached to this daemon (gc, inventory...):
+        # each runs inside the lifecycle's TaskGroup and is cancelled at shutdown.
+        self.loops: list[Callable[[], Coroutine[Any, Any, None]]] = [
+            lambda: self.registry.follow(self.settings.relist_interval_s),
+            lambda: self.monitor.run(self.settings.sample_interval_s),
+        ]
         self.writer_uids = writer_uids(settings.boinc_user)
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: background loops live exactly as long as the app."""
         async with asyncio.TaskGroup() as group:
-            loops = [
-                group.create_task(self.registry.follow(self.settings.relist_interval_s)),
-                group.create_task(self.monitor.run(self.settings.sample_interval_s)),
-            ]
+            loops = [group.create_task(make()) for make in self.loops]
             log.info("daemon started", instance_id=self.instance_id, socket=self.settings.socket)
             yield
             # Ordered shutdown: stop taking work, stop loops, then let go of the

@@ -160,6 +160,7 @@ async def test_events_keep_the_view_current(rig: Rig, tmp_path: Path) -> None:
 def test_reboot_interrupted_exit_is_told_from_a_real_exit() -> None:
     record = TaskRecord("r", "p", state="exited", exit_code=137, finished_at=1.0)
     assert record.interrupted_by_reboot
+    assert record.interrupted
     record.oom_killed = True
     assert not record.interrupted_by_reboot
     finished = TaskRecord("r", "p", state="exited", exit_code=0, finished_at=1.0)
