@@ -33,6 +33,7 @@ from .jobfile import JobSpec
 
 TICK_S = 0.1
 STATUS_EVERY_S = 1.0
+MAX_BACKOFF_S = 5.0  # between attempts to reach a daemon that is down
 WITHDRAW_TIMEOUT_S = 3.0  # the client reads app_status about once a second
 CPU_BASE_FILE = "boincd_cpu_base"  # CPU time the task had when its container started
 
@@ -104,6 +105,8 @@ class Runner:
         self.network_suspended = False
         self.task: dict[str, Any] = {}
         self.unreachable_since: float | None = None
+        self.retry_at = 0.0
+        self.backoff_s = TICK_S
         self.last_status = 0.0
         self.checkpoint_cpu = init.wu_cpu_time
         self.checkpoint_mtime = self._checkpoint_mtime()
@@ -113,10 +116,15 @@ class Runner:
 
     def _call(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
         """One daemon call; None while the daemon or engine is unreachable (retried later)."""
+        now = time.monotonic()
+        if now < self.retry_at:
+            return None  # backing off: the daemon was not there a moment ago
         try:
             answer = self.client.request(method, path, body, timeout=timeout)
         except DaemonUnreachable as exc:
             self._unreachable(str(exc))
+            self.retry_at = now + self.backoff_s
+            self.backoff_s = min(self.backoff_s * 2, MAX_BACKOFF_S)
             return None
         except DaemonError as exc:
             if exc.retryable:
@@ -127,6 +135,7 @@ class Runner:
             say("the daemon is back")
             self.said.discard("unreachable")
         self.unreachable_since = None
+        self.backoff_s = TICK_S
         return answer
 
     def _unreachable(self, message: str, code: str = "unavailable") -> None:
