@@ -46,7 +46,8 @@ class TaskRecord:
     project: str
     container_id: str = ""
     name: str = ""
-    state: str = "preparing"  # preparing, created, running, paused, exited, failed
+    # preparing, waiting (retryable cause), created, running, paused, exited, failed
+    state: str = "preparing"
     pid: int = 0
     exit_code: int | None = None
     oom_killed: bool = False

@@ -70,7 +70,7 @@ class TaskManager:
         uid, gid = check_paths(request, peer_uid)
         async with self.locked(request.result):
             record = self.registry.tasks.get(request.result)
-            if record is not None and (record.state != "failed"):
+            if record is not None and record.state not in ("failed", "waiting"):
                 record.last_seen = time.time()
                 return record
             existing = await self._find_by_name(request.name)
@@ -127,7 +127,9 @@ class TaskManager:
                     "task container created", result=request.result, container=container_id[:12]
                 )
         except BoincdError as exc:
-            record.state, record.error = "failed", exc
+            # "waiting": a retryable cause (network off, GPU busy, engine down);
+            # the next create-or-attach prepares it again.
+            record.state, record.error = ("waiting" if exc.retryable else "failed"), exc
             if self.gpus is not None:
                 self.gpus.release(request.result)
             log.warning("task preparation failed", result=request.result, error=exc.message)
@@ -141,7 +143,7 @@ class TaskManager:
 
     def _ready(self, result: str) -> TaskRecord:
         record = self.registry.get(result)
-        if record.state == "failed" and record.error is not None:
+        if record.state in ("failed", "waiting") and record.error is not None:
             raise record.error
         if record.state == "preparing" or not record.container_id:
             raise Conflict(

@@ -33,6 +33,8 @@ from .jobfile import JobSpec
 
 TICK_S = 0.1
 STATUS_EVERY_S = 1.0
+FIRST_HEARTBEAT_WAIT_S = 3.0  # the client sends one about every second
+CREATE_RETRY_S = 5.0  # between attempts to prepare a task that failed retryably
 MAX_BACKOFF_S = 5.0  # between attempts to reach a daemon that is down
 WITHDRAW_TIMEOUT_S = 3.0  # the client reads app_status about once a second
 CPU_BASE_FILE = "boincd_cpu_base"  # CPU time the task had when its container started
@@ -106,6 +108,10 @@ class Runner:
         self.task: dict[str, Any] = {}
         self.unreachable_since: float | None = None
         self.retry_at = 0.0
+        self.heartbeat_seen = False
+        self.first_heartbeat_deadline = time.monotonic() + FIRST_HEARTBEAT_WAIT_S
+        self.create_retry_at = 0.0
+        self.create_network_suspended = False
         self.backoff_s = TICK_S
         self.last_status = 0.0
         self.checkpoint_cpu = init.wu_cpu_time
@@ -173,7 +179,14 @@ class Runner:
             outcome = self._handle_messages(messages)
             if outcome is not None:
                 return outcome
-            if not self.task or self.task.get("state") in ("failed", "removed"):
+            if messages.heartbeat:
+                self.heartbeat_seen = True
+            # The first heartbeat tells whether BOINC allows network use: a pull
+            # must not start before we know (a volunteer on a metered link).
+            knows_network = self.heartbeat_seen or time.monotonic() > self.first_heartbeat_deadline
+            if knows_network and (
+                not self.task or self.task.get("state") in ("failed", "waiting", "removed")
+            ):
                 self._create()
             outcome = self._step()
             if outcome is not None:
@@ -211,6 +224,15 @@ class Runner:
         return None
 
     def _create(self) -> None:
+        """Ask for the task; after a retryable failure (GPU busy, network off) not
+        before a few seconds have passed or the client's network switch flipped."""
+        now = time.monotonic()
+        if self.task and now < self.create_retry_at and (
+            self.create_network_suspended == self.network_suspended
+        ):
+            return
+        self.create_retry_at = now + CREATE_RETRY_S
+        self.create_network_suspended = self.network_suspended
         body = task_request(self.init, self.job, self.slot, allow_fetch=not self.network_suspended)
         try:
             task = self._call("POST", "/v1/tasks", body)
@@ -227,7 +249,7 @@ class Runner:
         if state in ("preparing", None) or due:
             self._refresh()
             state = self.task.get("state")
-        if state == "failed":
+        if state in ("failed", "waiting"):
             error = self.task.get("error") or {}
             if error.get("retryable"):
                 self._unreachable(str(error.get("message")), code=str(error.get("code")))
