@@ -178,8 +178,14 @@ def check_cgroups(probe: HostProbe, host: HostFacts, engine: EngineFacts | None)
                 Finding(
                     "cgroup.version",
                     "warning",
-                    f"cgroup v1 with rootless {name}: CPU and memory limits cannot be applied",
-                    "Tasks run, but a task may use more cores and memory than BOINC gave it.",
+                    f"cgroup v1 with rootless {name}: CPU, memory and pids limits cannot be "
+                    "applied",
+                    "Containers get no cgroup of their own. Tasks run, but a task may use more "
+                    "cores than BOINC gave it and start any number of processes. "
+                    "boincd-containers makes up for what it can: it watches each task's "
+                    "memory and stops a task above BOINC's bound, pauses tasks by stopping "
+                    "their processes (there is no freezer), and says so in the task's "
+                    "stderr.txt.",
                     "Boot with cgroup v2 (kernel option systemd.unified_cgroup_hierarchy=1), "
                     "or use a rootful engine (boincd-containers.service).",
                 )

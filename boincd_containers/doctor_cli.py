@@ -4,13 +4,14 @@ not running, from the engine socket itself."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from .doctor import EngineFacts, HostProbe, run_doctor
-from .engine_hosts import pick_host
+from .engine_hosts import identify, is_podman, pick_host
 from .shim.client import DaemonClient, DaemonError, DaemonUnreachable
 
 
@@ -40,16 +41,21 @@ def _facts_from_engine() -> EngineFacts:
     try:
         version = client.request("GET", "/version")
         info = client.request("GET", "/info")
+        libpod = None
+        if is_podman(version):
+            # Only Podman's own API says whether it is rootless (engine_hosts.identify).
+            with contextlib.suppress(DaemonUnreachable, DaemonError):
+                libpod = client.request("GET", "/v4.0.0/libpod/info")
     except (DaemonUnreachable, DaemonError) as exc:
         return EngineFacts(False, None, None, False, path, str(exc))
     finally:
         client.close()
-    names = " ".join(c.get("Name", "") for c in version.get("Components") or []).lower()
+    identity = identify(version, info, libpod)
     return EngineFacts(
         reachable=True,
-        kind="podman" if "podman" in names else "docker",
+        kind="podman" if identity.kind == "podman" else "docker",
         version=str(version.get("Version")),
-        rootless="rootless" in " ".join(info.get("SecurityOptions") or []),
+        rootless=identity.rootless,
         socket=path,
         error=None,
         runtimes=tuple(info.get("Runtimes") or {}),

@@ -2,7 +2,9 @@
 
 Everything engine-specific lives here: finding the engine, negotiating the API
 version, and translating engine errors into the daemon's exception family.
-Nothing else in the code imports aiodocker.
+Nothing else in the code imports aiodocker. Docker and Podman differ behind the
+same API (engine_compat.py says how): this class smooths them over, so the rest
+of the daemon never asks which engine it has.
 """
 
 from __future__ import annotations
@@ -10,16 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiodocker
 import aiohttp
+import psutil
 from aiodocker.exceptions import DockerError
 
-from .engine_hosts import pick_host
+from . import engine_compat, proctree
+from .engine_hosts import identify, is_podman, pick_host
 from .errors import BadRequest, BoincdError, Conflict, ImageError, NotFound, Unavailable
 
 JSON = dict[str, Any]
@@ -36,6 +41,23 @@ class EngineInfo:
     cgroup_driver: str
     host: str
     data_root: str
+    # Controllers ("cpu", "memory", "pids") whose limits the engine really applies.
+    limits: frozenset[str] = engine_compat.ALL_LIMITS
+    # False: no freezer cgroup (rootless on cgroup v1); we pause with SIGSTOP instead.
+    freezer: bool = True
+    # Rootless Podman's user namespace: host ids → ids inside its containers.
+    uid_map: engine_compat.IdMap = ()
+    gid_map: engine_compat.IdMap = ()
+    # When the engine process started (0.0: unknown). Docker without live-restore
+    # stops every container when it shuts down: one that exited before this was
+    # interrupted, not finished (see TaskRecord.interrupted_by_reboot).
+    started_at: float = 0.0
+
+    @property
+    def description(self) -> str:
+        """"rootless Podman 4.3.1": how messages name the engine."""
+        name = {"docker": "Docker", "podman": "Podman"}.get(self.kind, self.kind)
+        return f"{'rootless ' if self.rootless else ''}{name} {self.version}".strip()
 
 
 def demultiplex(raw: bytes) -> bytes:
@@ -49,10 +71,49 @@ def demultiplex(raw: bytes) -> bytes:
     return bytes(out) if pos else raw
 
 
+_DISK_FULL = "no space left on device"
+
+
+def _disk_full(message: str) -> Unavailable:
+    """ENOSPC anywhere in the engine: retryable, the volunteer can free space."""
+    return Unavailable(
+        f"{message} (the disk of the container engine is full: free some space, "
+        "the task is retried)",
+        retryable=True,
+    )
+
+
+def engine_process_started_at(host: str) -> float:
+    """When the process serving a local engine socket started; 0.0 when unknown
+    (a remote engine, or its process not ours to see)."""
+    if not host.startswith("unix://"):
+        return 0.0
+    path = os.path.realpath(host[len("unix://") :])
+    name = os.path.basename(path)
+    try:
+        connections = psutil.net_connections("unix")
+    except (psutil.Error, OSError):
+        return 0.0
+    starts = []
+    for conn in connections:
+        bound = conn.laddr if isinstance(conn.laddr, str) else ""
+        if not conn.pid or os.path.basename(bound) != name or os.path.realpath(bound) != path:
+            continue
+        with contextlib.suppress(psutil.Error):
+            starts.append(float(psutil.Process(conn.pid).create_time()))
+    # With socket activation systemd holds the socket too: the engine is the youngest.
+    return max(starts, default=0.0)
+
+
 def _translate(exc: BaseException, what: str) -> BoincdError:
     """Engine errors → our family. 5xx and transport errors are worth a retry."""
     if isinstance(exc, DockerError):
         message = f"{what}: {exc.message}"
+        if _DISK_FULL in message.lower():
+            return _disk_full(message)
+        reclassified = engine_compat.reclassify(exc.status, message)
+        if reclassified is not None:
+            return reclassified  # Podman's 500s that mean "not found" or "conflict"
         if exc.status == 404:
             return NotFound(message)
         if exc.status == 409:
@@ -108,6 +169,7 @@ class Engine:
         timeout: float | None = None,
         raw: bool = False,
         headers: dict[str, str] | None = None,
+        versioned: bool = True,
     ) -> Any:
         docker = await self._docker()
         data = json.dumps(body).encode() if body is not None and not raw else body
@@ -120,6 +182,7 @@ class Engine:
                 data=data,
                 headers=hdrs,
                 timeout=aiohttp.ClientTimeout(total=timeout) if timeout else self._timeout,
+                versioned_api=versioned,
             )
         except (TimeoutError, DockerError, aiohttp.ClientError, OSError) as exc:
             if isinstance(exc, DockerError) and exc.status == 304:
@@ -130,20 +193,42 @@ class Engine:
 
     async def connect(self) -> EngineInfo:
         """Reach the engine and learn what it is; raises Unavailable when it is down."""
-        version = await self._call("engine version", "version")
+        # Unversioned, and the API version taken from it: aiodocker would otherwise
+        # ask /version once more itself, and Podman answers /version slowly (it
+        # runs dpkg-query or rpm for each of its components).
+        version = await self._call("engine version", "version", versioned=False)
+        docker = await self._docker()
+        if docker.api_version == "auto" and version.get("ApiVersion"):
+            docker.api_version = f"v{version['ApiVersion']}"
         info = await self._call("engine info", "info")
-        components = " ".join(c.get("Name", "") for c in version.get("Components") or [])
-        is_podman = "podman" in (components + str(version.get("Platform", {}))).lower()
-        security = " ".join(info.get("SecurityOptions") or [])
+        libpod = None
+        if is_podman(version):
+            # Podman's compatible /info hides rootless mode and claims limits it
+            # cannot apply; its own /libpod/info tells both.
+            with contextlib.suppress(BoincdError):
+                libpod = await self._call("engine details", "libpod/info")
+        identity = identify(version, info, libpod)
+        limits, freezer = engine_compat.engine_limits(identity.kind == "podman", info, libpod)
+        uid_map, gid_map = engine_compat.id_maps(libpod)
+        # Podman has no engine process that containers depend on (conmon keeps
+        # them; its API service comes and goes): only Docker's start matters.
+        started_at = 0.0
+        if identity.kind == "docker":
+            started_at = await asyncio.to_thread(engine_process_started_at, self.host)
         self._info = EngineInfo(
-            kind="podman" if is_podman else "docker",
+            kind=identity.kind,
             version=str(version.get("Version", "")),
             api_version=str(version.get("ApiVersion", "")),
-            rootless="rootless" in security,
+            rootless=identity.rootless,
             cgroup_version=str(info.get("CgroupVersion", "")),
             cgroup_driver=str(info.get("CgroupDriver", "")),
             host=self.host,
             data_root=str(info.get("DockerRootDir", "")),
+            limits=limits,
+            freezer=freezer,
+            uid_map=uid_map,
+            gid_map=gid_map,
+            started_at=started_at,
         )
         return self._info
 
@@ -154,6 +239,14 @@ class Engine:
     # -- containers -----------------------------------------------------------
 
     async def create_container(self, name: str, config: JSON) -> str:
+        """Create; on a rootless engine the slot owner is mapped into its user
+        namespace, and limits it cannot apply are left out and named in labels
+        (`unenforced`, `warnings`) that the task JSON and the shim pass on."""
+        info = self._info
+        if info is not None:
+            engine_compat.adapt_create(
+                config, info.description, info.limits, info.uid_map, info.gid_map
+            )
         created = await self._call(
             f"create container {name}",
             "containers/create",
@@ -168,6 +261,8 @@ class Engine:
         result: JSON = await self._call(
             f"inspect container {ref}", f"containers/{ref}/json", params=params
         )
+        if self._info is not None and not self._info.freezer:
+            proctree.show_stopped_as_paused(result.get("State"))
         return result
 
     async def list_containers(self, labels: dict[str, str], *, size: bool = False) -> list[JSON]:
@@ -182,22 +277,52 @@ class Engine:
         await self._call(f"start container {ref}", f"containers/{ref}/start", "POST")
 
     async def pause_container(self, ref: str) -> None:
+        if self._info is not None and not self._info.freezer:
+            await self._signal_tree(ref, freeze=True)
+            return
         try:
             await self._call(f"pause container {ref}", f"containers/{ref}/pause", "POST")
         except Conflict as exc:
             if "already paused" not in exc.message:
                 raise
+        except BoincdError as exc:
+            if not engine_compat.cannot_freeze(exc.message):
+                raise
+            # No freezer for this container (rootless on cgroup v1): from now on
+            # pause by signals, and show it as paused in inspect.
+            if self._info is not None:
+                self._info = replace(self._info, freezer=False)
+            await self._signal_tree(ref, freeze=True)
 
     async def unpause_container(self, ref: str) -> None:
+        if self._info is not None and not self._info.freezer:
+            await self._signal_tree(ref, freeze=False)  # paused by us, with SIGSTOP
+            return
         try:
             await self._call(f"unpause container {ref}", f"containers/{ref}/unpause", "POST")
-        except Conflict as exc:
-            if "not paused" not in exc.message:
-                raise
         except BoincdError as exc:
-            # Podman answers 500 "is not paused" for an idempotent unpause.
+            # Docker answers 500 "is not paused", Podman 500 "... not paused, can't
+            # unpause": idempotent either way.
             if "not paused" not in exc.message:
                 raise
+
+    async def _signal_tree(self, ref: str, *, freeze: bool) -> None:
+        """Pause or resume every process of the container with SIGSTOP/SIGCONT."""
+        verb = "pause" if freeze else "unpause"
+        data = await self._call(f"{verb} container {ref}", f"containers/{ref}/json")
+        state = data.get("State") or {}
+        pid = int(state.get("Pid") or 0)
+        if not state.get("Running") or pid <= 0:
+            if freeze:
+                raise Conflict(f"pause container {ref}: it is not running")
+            return
+        try:
+            if freeze:
+                await asyncio.to_thread(proctree.freeze, pid)
+            elif any(p.state in ("T", "t") for p in proctree.tree(pid)):
+                await asyncio.to_thread(proctree.thaw, pid)
+        except proctree.ProcessTreeError as exc:
+            raise BoincdError(f"{verb} container {ref}: {exc}") from exc
 
     async def kill_container(self, ref: str, signal: str = "KILL") -> None:
         try:
@@ -205,18 +330,25 @@ class Engine:
                 f"kill container {ref}", f"containers/{ref}/kill", "POST", params={"signal": signal}
             )
         except Conflict as exc:
-            if "not running" not in exc.message:
+            # Docker: "is not running"; Podman: "can only kill running containers".
+            if "not running" not in exc.message and "only kill running" not in exc.message:
                 raise
 
     async def remove_container(self, ref: str) -> None:
         """Force-remove with its anonymous volumes; an already gone container is fine."""
-        with contextlib.suppress(NotFound):
+        try:
             await self._call(
                 f"remove container {ref}",
                 f"containers/{ref}",
                 "DELETE",
                 params={"force": "true", "v": "true"},
             )
+        except NotFound:
+            pass
+        except Conflict as exc:
+            # The engine is at it already: a daemon killed mid-remove asked first.
+            if "already in progress" not in exc.message:
+                raise
 
     async def wait_container(self, ref: str, timeout: float | None = None) -> int:
         result = await self._call(
@@ -259,7 +391,9 @@ class Engine:
                 body={"Container": ref, "Force": True},
             )
         except BoincdError as exc:
-            if "is not connected" not in exc.message and "not connected" not in exc.message:
+            # Podman refuses any network verb on a container created with network
+            # "none" ("invalid network mode"): it is connected to nothing already.
+            if "not connected" not in exc.message and "invalid network mode" not in exc.message:
                 raise
 
     # -- images ---------------------------------------------------------------
@@ -285,7 +419,9 @@ class Engine:
 
     async def pull_image(self, ref: str, progress: ProgressCallback | None = None) -> None:
         """Pull and follow the progress stream; the stream's own error lines become ImageError."""
-        image, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "")
+        last = ref.rsplit("/", 1)[-1]
+        # `repo@sha256:...` goes whole in fromImage; an empty tag would pull every tag.
+        image, _, tag = ref.rpartition(":") if ":" in last and "@" not in last else (ref, "", "")
         params = {"fromImage": image, "tag": tag} if tag else {"fromImage": ref}
         await self._stream(f"pull {ref}", "images/create", params=params, progress=progress)
 
@@ -305,13 +441,15 @@ class Engine:
                 if maybe is not None:
                     await maybe
 
+        # The open file, not its bytes: aiohttp streams it (reading in a worker
+        # thread), so a multi-GB archive never sits in the daemon's memory.
         with tarball.open("rb") as fh:
             await self._stream(
                 f"load {tarball.name}",
                 "images/load",
                 method="POST",
                 params={"quiet": "1"},
-                body=fh.read(),
+                body=fh,
                 headers={"Content-Type": "application/x-tar"},
                 progress=collect,
             )
@@ -349,7 +487,7 @@ class Engine:
         *,
         method: str = "POST",
         params: JSON | None = None,
-        body: bytes | None = None,
+        body: bytes | BinaryIO | None = None,
         headers: dict[str, str] | None = None,
         progress: ProgressCallback | None = None,
     ) -> None:
@@ -372,7 +510,10 @@ class Engine:
                         continue
                     if line.get("error") or line.get("errorDetail"):
                         detail = line.get("errorDetail") or {}
-                        raise ImageError(f"{what}: {detail.get('message') or line.get('error')}")
+                        message = f"{what}: {detail.get('message') or line.get('error')}"
+                        if _DISK_FULL in message.lower():
+                            raise _disk_full(message)
+                        raise ImageError(message)
                     if progress is not None:
                         maybe = progress(line)
                         if maybe is not None:
@@ -391,6 +532,10 @@ class Engine:
             "list volumes", "volumes", params={"filters": json.dumps(filters)}
         )
         return list(result.get("Volumes") or [])
+
+    async def inspect_volume(self, name: str) -> JSON:
+        result: JSON = await self._call(f"inspect volume {name}", f"volumes/{name}")
+        return result
 
     async def remove_volume(self, name: str) -> None:
         with contextlib.suppress(NotFound):
@@ -413,10 +558,36 @@ class Engine:
                 "GET",
                 params=params,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None),
-            ) as response:
+            ) as response, response:
+                # The second `response`: aiodocker leaves closing it to us, and an
+                # event stream is left early (reconnect, shutdown): close it then.
                 async for raw_line in response.content:
                     if raw_line.strip():
-                        yield json.loads(raw_line)
+                        yield engine_compat.normalize_event(json.loads(raw_line))
         except (TimeoutError, DockerError, aiohttp.ClientError, OSError) as exc:
             raise _translate(exc, "engine events") from exc
         raise Unavailable("engine events: the stream ended")
+
+    async def image_events(self, since: float | None = None) -> AsyncIterator[JSON]:
+        """Every image event (pull, load, tag, untag, delete, import...), whoever caused
+        it: the disk accounting covers all images, not only ours. Until the stream
+        ends (raise Unavailable then)."""
+        docker = await self._docker()
+        params: JSON = {"filters": json.dumps({"type": ["image"]})}
+        if since is not None:
+            params["since"] = str(int(since))
+        try:
+            async with docker._query(
+                "events",
+                "GET",
+                params=params,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None),
+            ) as response, response:
+                # The second `response`: aiodocker leaves closing it to us, and an
+                # event stream is left early (reconnect, shutdown): close it then.
+                async for raw_line in response.content:
+                    if raw_line.strip():
+                        yield engine_compat.normalize_event(json.loads(raw_line))
+        except (TimeoutError, DockerError, aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc, "engine image events") from exc
+        raise Unavailable("engine image events: the stream ended")

@@ -21,6 +21,9 @@ GPUS = f"{PREFIX}.gpus"
 GPU_USAGE = f"{PREFIX}.gpu_usage"
 DISK_BOUND = f"{PREFIX}.disk_bound"
 MEMORY_BOUND = f"{PREFIX}.memory_bound"
+# Limits the engine could not apply ("cpu,memory,pids") and what that means, in words.
+UNENFORCED = f"{PREFIX}.unenforced"
+WARNINGS = f"{PREFIX}.warnings"
 
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
 

@@ -26,6 +26,14 @@ log = get_logger(__name__)
 # Exit codes of a process ended by a signal at host shutdown (SIGKILL, SIGTERM)
 # or by the engine losing it (255); an app's own failure rarely looks like these.
 _SHUTDOWN_EXIT_CODES = {137, 143, 255}
+# How engines name SIGKILL in "kill" events: the daemon's own kills, not a stop.
+_SIGKILL = ("9", "KILL", "SIGKILL")
+
+
+def _event_time(event: dict[str, Any]) -> float:
+    if event.get("timeNano"):
+        return int(event["timeNano"]) / 1e9
+    return float(event.get("time") or time.time())
 
 
 def parse_engine_time(text: str) -> float:
@@ -62,11 +70,20 @@ class TaskRecord:
     memory_bound: int = 0
     gpus: list[str] = field(default_factory=list)
     gpu_usage: float = 0.0
+    # Limits the engine could not apply (rootless on cgroup v1), and why, in words.
+    unenforced: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     error: BoincdError | None = None
     progress: str = ""
     last_seen: float = field(default_factory=time.time)
     # Left paused by a shim that quit: see `interrupted`.
     detached: bool = False
+    # When the engine's process started (EngineInfo.started_at) and when this run
+    # of the container began: see `interrupted_by_reboot` and `stopped_by_engine`.
+    engine_started_at: float = 0.0
+    started_at: float = 0.0
+    # When the engine sent the container a stop signal (a "kill" event, not SIGKILL).
+    stop_signalled_at: float = 0.0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def notify(self) -> None:
@@ -76,14 +93,16 @@ class TaskRecord:
 
     @property
     def interrupted_by_reboot(self) -> bool:
-        """Exited in an earlier boot, by a signal, not by the kernel's OOM killer.
+        """Exited by a signal in an earlier boot, or before the engine last started
+        (Docker without live-restore stops every container when it shuts down, e.g.
+        for a package upgrade); not by the kernel's OOM killer.
 
         After a reboot every container of an unfinished task is found exited; an
         app that really finished did so with its own status, not a signal.
         """
         return (
             self.state == "exited"
-            and 0 < self.finished_at < psutil.boot_time()
+            and 0 < self.finished_at < max(psutil.boot_time(), self.engine_started_at)
             and (self.exit_code or 0) in _SHUTDOWN_EXIT_CODES
             and not self.oom_killed
         )
@@ -105,10 +124,21 @@ class TaskRecord:
         )
 
     @property
+    def stopped_by_engine(self) -> bool:
+        """Exited after the engine sent it a stop signal in this run: the engine
+        shutting down (its events arrive before it goes), or a person's `docker
+        stop`. The daemon's own kills are SIGKILLs and are not counted."""
+        return (
+            self.state == "exited"
+            and self.stop_signalled_at >= self.started_at > 0
+            and not self.oom_killed
+        )
+
+    @property
     def interrupted(self) -> bool:
         """The task did not finish: start the container again (the app resumes
         from its own checkpoint files in the slot)."""
-        return self.interrupted_by_reboot or self.killed_while_detached
+        return self.interrupted_by_reboot or self.killed_while_detached or self.stopped_by_engine
 
     def apply_inspect(self, data: dict[str, Any]) -> None:
         state = data.get("State") or {}
@@ -130,6 +160,7 @@ class TaskRecord:
         self.exit_code = int(state.get("ExitCode", 0)) if self.state == "exited" else None
         self.oom_killed = bool(state.get("OOMKilled", False))
         self.finished_at = parse_engine_time(str(state.get("FinishedAt", "")))
+        self.started_at = parse_engine_time(str(state.get("StartedAt", "")))
         self.slot_dir = labels.get(L.SLOT, self.slot_dir)
         self.project_dir = labels.get(L.PROJECT_DIR, self.project_dir)
         self.image = labels.get(L.IMAGE, self.image)
@@ -141,6 +172,8 @@ class TaskRecord:
         self.memory_bound = int(labels.get(L.MEMORY_BOUND) or 0)
         self.gpus = [g for g in labels.get(L.GPUS, "").split(",") if g]
         self.gpu_usage = float(labels.get(L.GPU_USAGE) or 0.0)
+        self.unenforced = [x for x in labels.get(L.UNENFORCED, "").split(",") if x]
+        self.warnings = [w for w in labels.get(L.WARNINGS, "").split("\n") if w]
         self.error = None
         self.notify()
 
@@ -164,6 +197,7 @@ class TaskRecord:
             "gpus": self.gpus,
             "gpu_usage": self.gpu_usage,
             "progress": self.progress,
+            "warnings": list(self.warnings),
             "error": self.error.to_json()["error"] if self.error else None,
         }
 
@@ -212,8 +246,7 @@ class Registry:
                 continue
             result = labels[L.RESULT]
             record = self.tasks.get(result) or TaskRecord(result, labels.get(L.PROJECT, ""))
-            record.apply_inspect(data)
-            record.detached = result in self.detached
+            self.apply(record, data)
             if result not in self.tasks:
                 for hook in self.on_adopt:
                     hook(record, labels)
@@ -226,11 +259,16 @@ class Registry:
                 del self.tasks[result]
         self.engine_error = None
 
+    def apply(self, record: TaskRecord, data: dict[str, Any]) -> None:
+        """Take an inspect answer, with what only the registry knows."""
+        record.detached = record.result in self.detached
+        record.engine_started_at = self.engine.info.started_at if self.engine.info else 0.0
+        record.apply_inspect(data)
+
     async def refresh(self, record: TaskRecord) -> TaskRecord:
         try:
             data = await self.engine.inspect_container(record.container_id)
-            record.detached = record.result in self.detached
-            record.apply_inspect(data)
+            self.apply(record, data)
         except NotFound:
             record.state = "removed"
             record.notify()
@@ -257,7 +295,15 @@ class Registry:
             self.tasks[result] = record
         if record.container_id and record.container_id != actor.get("ID"):
             return  # an event about an older container of the same result
+        if not record.container_id and event.get("Action") == "destroy":
+            # A container this record never had: the engine undoing a create that
+            # failed half-way (a full disk). Taking it would drop the record.
+            return
         record.container_id = str(actor.get("ID", record.container_id))
+        if event.get("Action") == "kill" and attributes.get("signal") not in (None, *_SIGKILL):
+            # Seen before the exit it causes, and only from the engine: remember it
+            # now, in case the engine (shutting down) answers nothing more.
+            record.stop_signalled_at = _event_time(event)
         await self.refresh(record)
 
     async def follow(self, relist_interval_s: float) -> None:

@@ -43,3 +43,31 @@ if ! docker info >/dev/null 2>&1; then
   for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || { echo "setup: dockerd did not start; see /var/log/boincd-dockerd.log" >&2; exit 1; }
 fi
+
+if [ "$want_tests" = "--test" ]; then
+  # Podman for the tests. Each test session starts its own `podman system
+  # service` (rootful, and rootless as boinctest) with its own containers.conf
+  # (tests/podman_harness.py); nothing Podman runs between sessions. What they
+  # need from the host: an unprivileged user with a subordinate id range
+  # (rootless Podman maps its containers' users through it).
+  if ! id boinctest >/dev/null 2>&1; then
+    echo "setup: creating user boinctest (rootless Podman tests)"
+    useradd --create-home --shell /usr/sbin/nologin boinctest
+  fi
+  if ! grep -q '^boinctest:' /etc/subuid 2>/dev/null; then
+    usermod --add-subuids 200000-265535 boinctest
+  fi
+  if ! grep -q '^boinctest:' /etc/subgid 2>/dev/null; then
+    usermod --add-subgids 200000-265535 boinctest
+  fi
+  # Podman's default ulimits (nofile 1048576) exceed the hard limits of some hosts
+  # (containers then fail to start): clip them, unless the admin configured Podman.
+  if [ ! -e /etc/containers/containers.conf ]; then
+    nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)
+    [ "$nofile" = unlimited ] || [ "$nofile" -gt 1048576 ] && nofile=1048576
+    [ "$nproc" = unlimited ] || [ "$nproc" -gt 4096 ] && nproc=4096
+    mkdir -p /etc/containers
+    printf '[containers]\ndefault_ulimits = ["nofile=%s:%s", "nproc=%s:%s"]\n' \
+      "$nofile" "$nofile" "$nproc" "$nproc" >/etc/containers/containers.conf
+  fi
+fi

@@ -1,5 +1,11 @@
 """Shared fixtures. Real-engine tests skip without dockerd, except in CI where
-BOINCD_REQUIRE_ENGINE=1 turns a missing engine into a failure."""
+BOINCD_REQUIRE_ENGINE=1 turns a missing engine into a failure.
+
+`engine` is Docker unless a module asks for more with
+`pytest.mark.parametrize("engine", ENGINES, indirect=True)` (ENGINES from
+tests/podman_harness.py): then its tests run
+once per engine, ids `[docker]` and `[podman]`; Podman is a rootful
+`podman system service` the session starts (tests/podman_harness.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import DaemonProcess, ensure_test_image
+from tests.daemon_harness import DaemonProcess
+from tests.podman_harness import (
+    DOCKER,
+    PodmanService,
+    TestEngine,
+    daemon_env,
+    podman_available,
+)
 
 
 def _docker_up() -> bool:
@@ -30,8 +43,27 @@ def docker_engine() -> str:
 
 
 @pytest.fixture(scope="session")
-def test_image(docker_engine: str) -> str:
-    return ensure_test_image()
+def engine(request: pytest.FixtureRequest) -> Iterator[TestEngine]:
+    """The engine a test runs on: Docker by default, or the parametrized one."""
+    kind = getattr(request, "param", "docker")
+    if kind == "docker":
+        request.getfixturevalue("docker_engine")
+        yield DOCKER
+        return
+    if not podman_available():
+        if os.environ.get("BOINCD_REQUIRE_ENGINE") == "1":
+            pytest.fail("podman is required (BOINCD_REQUIRE_ENGINE=1) but not installed")
+        pytest.skip("podman is not installed")
+    service = PodmanService()
+    try:
+        yield service.start()
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def test_image(engine: TestEngine) -> str:
+    return engine.ensure_test_image()
 
 
 @pytest.fixture
@@ -49,9 +81,9 @@ def short_tmp() -> Iterator[Path]:
 
 
 @pytest.fixture
-def daemon(short_tmp: Path, test_image: str) -> Iterator[DaemonProcess]:
-    """The real daemon, as a process, on the real dockerd."""
-    process = DaemonProcess(short_tmp)
+def daemon(short_tmp: Path, engine: TestEngine, test_image: str) -> Iterator[DaemonProcess]:
+    """The real daemon, as a process, on the real engine (dockerd unless parametrized)."""
+    process = DaemonProcess(short_tmp, extra_env=daemon_env(engine), engine=engine)
     try:
         yield process.start()
     finally:

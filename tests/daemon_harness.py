@@ -9,11 +9,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from boincd_containers.shim.client import DaemonClient, DaemonUnreachable
 
 TEST_IMAGE = "boincd-test/busybox:latest"
+
+
+class EngineCli(Protocol):
+    """The engine's command line (tests/podman_harness.py TestEngine): docker or podman."""
+
+    def cli(self, *args: str, check: bool = True) -> str: ...
+
+    def inspect(self, container_id: str) -> dict[str, Any]: ...
 
 
 def docker(*args: str, check: bool = True) -> str:
@@ -40,7 +48,14 @@ def ensure_test_image(name: str = TEST_IMAGE) -> str:
 
 
 class DaemonProcess:
-    def __init__(self, base: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        base: Path,
+        extra_env: dict[str, str] | None = None,
+        engine: EngineCli | None = None,
+        argv_prefix: list[str] | None = None,
+        python: str | None = None,
+    ) -> None:
         self.base = base
         self.socket = str(base / "run" / "boincd.sock")
         self.state_dir = str(base / "state")
@@ -49,6 +64,11 @@ class DaemonProcess:
             self.config.write_text("relist_interval_s = 5.0\n")
         self.log_path = base / "daemon.log"
         self.extra_env = extra_env or {}
+        # The engine the tests check and clean up with (docker's CLI by default), and
+        # what runs the daemon (e.g. setpriv, to run it as an unprivileged user).
+        self.engine = engine
+        self.argv_prefix = argv_prefix or []
+        self.python = python or sys.executable
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,7 +85,7 @@ class DaemonProcess:
     def start(self, timeout: float = 30.0) -> DaemonProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "boincd_containers", "serve"],
+            [*self.argv_prefix, self.python, "-m", "boincd_containers", "serve"],
             env=self.env,
             stdout=log,
             stderr=log,
@@ -124,14 +144,17 @@ class DaemonProcess:
         except OSError:
             return
         label = f"label=org.boinc.containers.owner={owner}"
-        ids = docker("ps", "-aq", "--filter", label, check=False).split()
+        cli = self.engine.cli if self.engine is not None else docker
+        ids = cli("ps", "-aq", "--filter", label, check=False).split()
         if ids:
-            docker("rm", "-fv", *ids, check=False)
-        volumes = docker("volume", "ls", "-q", "--filter", label, check=False).split()
+            cli("rm", "-fv", *ids, check=False)
+        volumes = cli("volume", "ls", "-q", "--filter", label, check=False).split()
         if volumes:
-            docker("volume", "rm", "-f", *volumes, check=False)
+            cli("volume", "rm", "-f", *volumes, check=False)
 
 
-def container_state(container_id: str) -> dict[str, Any]:
+def container_state(container_id: str, engine: EngineCli | None = None) -> dict[str, Any]:
+    if engine is not None:
+        return engine.inspect(container_id)
     data: dict[str, Any] = json.loads(docker("inspect", container_id))[0]
     return data

@@ -1,4 +1,5 @@
-"""boincd-shim under the real BOINC client, with the real daemon and dockerd."""
+"""boincd-shim under the real BOINC client, with the real daemon, on Docker and on
+rootful Podman."""
 
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ from tests.boinc_harness import (
     ResultSpec,
     boinc_available,
 )
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess, container_state, docker
+from tests.daemon_harness import TEST_IMAGE, DaemonProcess
+from tests.podman_harness import ENGINES, TestEngine
 
 pytestmark = [
     pytest.mark.boinc,
     pytest.mark.docker,
+    pytest.mark.parametrize("engine", ENGINES, indirect=True),
     pytest.mark.skipif(
         not boinc_available() and os.environ.get("BOINCD_REQUIRE_BOINC") != "1",
         reason="needs the real BOINC client (apt-get install boinc-client)",
@@ -70,23 +73,23 @@ def make_client(
             client.close()
 
 
-def containers_of(result: str) -> list[str]:
-    return docker("ps", "-aq", "--no-trunc", "--filter", f"label={L.RESULT}={result}").split()
+def containers_of(engine: TestEngine, result: str) -> list[str]:
+    return engine.cli("ps", "-aq", "--no-trunc", "--filter", f"label={L.RESULT}={result}").split()
 
 
 def wait_container(
-    client: BoincClient, result: str, what: str, check: Callable[[dict], bool]
+    client: BoincClient, engine: TestEngine, result: str, what: str, check: Callable[[dict], bool]
 ) -> str:  # type: ignore[type-arg]
     def probe() -> str | None:
-        ids = containers_of(result)
-        return ids[0] if len(ids) == 1 and check(container_state(ids[0])["State"]) else None
+        ids = containers_of(engine, result)
+        return ids[0] if len(ids) == 1 and check(engine.inspect(ids[0])["State"]) else None
 
     found: str = client.wait_for(probe, 60, what)
     return found
 
 
 def test_task_computes_reports_cpu_and_fraction_and_succeeds(
-    make_client: Callable[..., BoincClient],
+    make_client: Callable[..., BoincClient], engine: TestEngine
 ) -> None:
     # Burn CPU for a few seconds with fraction done at 0.25, then write the output.
     command = (
@@ -113,11 +116,11 @@ def test_task_computes_reports_cpu_and_fraction_and_succeeds(
     assert (task.final_cpu_time or 0) > 2.0
     busy = [m for m in client.messages() if "CPU is busy" in m.body]
     assert busy == [], "the container's own load made the client suspend it"
-    client.wait_for(lambda: containers_of("burn_1") == [], 30, "container removed")
+    client.wait_for(lambda: containers_of(engine, "burn_1") == [], 30, "container removed")
 
 
 def test_nonzero_exit_fails_the_task_with_that_status(
-    make_client: Callable[..., BoincClient],
+    make_client: Callable[..., BoincClient], engine: TestEngine
 ) -> None:
     client = make_client(job_toml("echo 'the app says why' >&2; exit 7"), [ResultSpec("fail_1")])
     task = client.wait_done("fail_1", timeout=90)
@@ -129,37 +132,43 @@ def test_nonzero_exit_fails_the_task_with_that_status(
     assert "container exited with status 7" in record.stderr_out
 
 
-def test_bad_job_file_fails_clearly(make_client: Callable[..., BoincClient]) -> None:
+def test_bad_job_file_fails_clearly(
+    make_client: Callable[..., BoincClient], engine: TestEngine
+) -> None:
     client = make_client(b"image = 42\nbogus = true\n", [ResultSpec("badjob_1")])
     task = client.wait_done("badjob_1", timeout=60)
     assert task.state == "compute error"
     record = client.wait_final_record("badjob_1")
     assert "job.toml" in record.stderr_out
     assert "Traceback" not in record.stderr_out
-    assert containers_of("badjob_1") == []
+    assert containers_of(engine, "badjob_1") == []
 
 
 WAIT_FOR_RELEASE = "while [ ! -e /app/release ]; do sleep 0.2; done; echo released > out.txt"
 
 
-def test_suspend_resume_quit_and_reattach(make_client: Callable[..., BoincClient]) -> None:
+def test_suspend_resume_quit_and_reattach(
+    make_client: Callable[..., BoincClient], engine: TestEngine
+) -> None:
     client = make_client(job_toml(WAIT_FOR_RELEASE), [ResultSpec("wait_1")])
-    cid = wait_container(client, "wait_1", "container running", lambda s: s["Running"])
+    cid = wait_container(client, engine, "wait_1", "container running", lambda s: s["Running"])
 
     client.suspend("wait_1")
-    wait_container(client, "wait_1", "container paused", lambda s: s["Paused"])
+    wait_container(client, engine, "wait_1", "container paused", lambda s: s["Paused"])
     client.resume("wait_1")
-    wait_container(client, "wait_1", "container unpaused", lambda s: not s["Paused"])
+    wait_container(client, engine, "wait_1", "container unpaused", lambda s: not s["Paused"])
 
     # Client stops (<quit/> to the shim): the container stays, paused, not killed.
     client.stop()
-    state = container_state(cid)["State"]
+    state = engine.inspect(cid)["State"]
     assert state["Paused"] is True
     assert state["Running"] is True
 
     # Client restarts: the new shim attaches to the same container and resumes it.
     client.start()
-    again = wait_container(client, "wait_1", "same container resumed", lambda s: not s["Paused"])
+    again = wait_container(
+        client, engine, "wait_1", "same container resumed", lambda s: not s["Paused"]
+    )
     assert again == cid
     slot = client.slot_dir("wait_1")
     assert slot is not None
@@ -169,26 +178,28 @@ def test_suspend_resume_quit_and_reattach(make_client: Callable[..., BoincClient
     assert client.output_path("wait_1").read_text() == "released\n"
 
 
-def test_abort_removes_the_container(make_client: Callable[..., BoincClient]) -> None:
+def test_abort_removes_the_container(
+    make_client: Callable[..., BoincClient], engine: TestEngine
+) -> None:
     client = make_client(job_toml(WAIT_FOR_RELEASE), [ResultSpec("abort_1")])
-    wait_container(client, "abort_1", "container running", lambda s: s["Running"])
+    wait_container(client, engine, "abort_1", "container running", lambda s: s["Running"])
     client.abort("abort_1")
     task = client.wait_done("abort_1")
     assert task.state == "aborted"
     assert task.exit_status == EXIT_ABORTED_VIA_GUI
-    client.wait_for(lambda: containers_of("abort_1") == [], 30, "container removed")
+    client.wait_for(lambda: containers_of(engine, "abort_1") == [], 30, "container removed")
 
 
 def test_client_killed_then_restarted_attaches_to_the_running_container(
-    make_client: Callable[..., BoincClient],
+    make_client: Callable[..., BoincClient], engine: TestEngine
 ) -> None:
     client = make_client(job_toml(WAIT_FOR_RELEASE), [ResultSpec("crash_1")])
-    cid = wait_container(client, "crash_1", "container running", lambda s: s["Running"])
+    cid = wait_container(client, engine, "crash_1", "container running", lambda s: s["Running"])
     client.kill()
     client.start()
     slot = client.slot_dir("crash_1")
     client.wait_for(lambda: client.slot_dir("crash_1") is not None, 30, "task restarted")
-    assert containers_of("crash_1") == [cid]
+    assert containers_of(engine, "crash_1") == [cid]
     slot = client.slot_dir("crash_1")
     assert slot is not None
     (slot / "release").touch()
