@@ -1,25 +1,51 @@
 """Getting the image a task needs: pull, load or build, each exactly once at a time.
 
 Single-flight: any number of tasks asking for the same image share one
-pull/load/build and all get its result or its error.
+pull/load/build and all get its result or its error. The cache hands out image
+*ids*: a task's container is created from the id resolved for it, so when a
+project pushes a new image under the same tag, running tasks keep theirs and
+new tasks get the new one (a tag is re-resolved at most every
+`tag_refresh_interval_s`).
+
+What the daemon brought (pulled, loaded or built while absent) is recorded in
+`state_dir/images.json`; only those images are ever removed, and only when no
+container uses them and no task is between resolving and creating its
+container (a lease). Everything else on the engine is the volunteer's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
-import json
 import os
-import tarfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import labels as L
+from .accounting import normalize_id
 from .engine import Engine
-from .errors import BadRequest, ImageError, NetworkSuspended, NotFound
+from .errors import (
+    BadRequest,
+    BoincdError,
+    Conflict,
+    ImageError,
+    NetworkSuspended,
+    NotFound,
+    Unavailable,
+)
+from .image_records import ImageRecords
+from .image_sources import (
+    BuildTracker,
+    PullProgress,
+    archive_image,
+    build_context,
+    fetch_error,
+    normalize_ref,
+    sha256_file,
+)
 from .log import get_logger
 from .taskspec import TaskRequest
 
@@ -27,69 +53,176 @@ log = get_logger(__name__)
 
 Progress = Callable[[str], None]
 
-# Files BOINC and the shim put in a slot: never part of a build context.
-_SLOT_NOISE = ("boinc_", "init_data.xml", "stderr.txt", "job.toml", "fraction_done")
+__all__ = ["ImageCache", "Progress", "Resolved", "build_context", "normalize_ref"]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """What a task's container is created from: `id`; `ref` names it for people."""
+
+    ref: str
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """The outcome of trying to remove one image."""
+
+    image_id: str
+    removed: bool
+    reason: str  # why it stayed, or "removed" / "already gone"
 
 
 class ImageCache:
-    def __init__(self, engine: Engine, state_dir: Path, owner_id: str) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        state_dir: Path,
+        owner_id: str,
+        *,
+        tag_refresh_interval_s: float = 3600.0,
+    ) -> None:
         self.engine = engine
         self.owner_id = owner_id
+        self.tag_refresh_interval_s = tag_refresh_interval_s
+        self.records = ImageRecords(state_dir / "images.json")
         self._inflight: dict[str, asyncio.Future[str]] = {}
-        self._record_path = state_dir / "images.json"
-        self.brought: dict[str, dict[str, Any]] = self._load_records()
+        self._progress: dict[str, str] = {}  # flight key -> latest progress line
+        self._listeners: dict[str, list[Progress]] = {}
+        self._waiting: dict[str, set[str]] = {}  # flight key -> results waiting for it
+        # Held while checking that an image is present and leasing it, and while
+        # removing one: an eviction can never pull an image from under a task
+        # that has resolved it but not yet created its container.
+        self._lock = asyncio.Lock()
+        self.leases: dict[str, str] = {}  # result -> image id
+        # Called when an image was brought or the disk filled up (eviction wakes).
+        self.on_change: list[Callable[[], None]] = []
         self.operations = 0  # pulls + loads + builds actually run (for tests, metrics)
 
-    def _load_records(self) -> dict[str, dict[str, Any]]:
+    @property
+    def brought(self) -> dict[str, dict[str, Any]]:
+        """Image id -> record (refs, projects, how, brought_at, last_used)."""
+        return self.records.images
+
+    def _changed(self) -> None:
+        for callback in self.on_change:
+            callback()
+
+    def _failed(self, exc: BoincdError, what: str) -> BoincdError:
+        error = fetch_error(exc, what)
+        if error.message.startswith("disk full"):
+            self._changed()  # the eviction may make room before the task tries again
+        return error
+
+    # -- resolving ----------------------------------------------------------------
+
+    async def ensure(self, request: TaskRequest, progress: Progress | None = None) -> Resolved:
+        """The image for this task, present and leased to it until `release(result)`."""
+        for _ in range(3):
+            resolved = await self._resolve(request, progress)
+            async with self._lock:
+                if await self._present(resolved.id):
+                    self.leases[request.result] = resolved.id
+                    self.records.touch(resolved.id, request.project)
+                    return resolved
+            log.info("image removed right after it was resolved; again", image=resolved.ref)
+        raise Unavailable(f"image {resolved.ref} keeps disappearing from the engine")
+
+    def release(self, result: str) -> None:
+        """The task's container exists (it pins the image now) or never will."""
+        self.leases.pop(result, None)
+
+    async def _inspect(self, ref: str) -> dict[str, Any] | None:
         try:
-            data = json.loads(self._record_path.read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
+            return await self.engine.inspect_image(ref)
+        except NotFound:
+            return None
 
-    def _save_records(self) -> None:
-        # Write-then-rename: a crash never leaves a half-written record.
-        tmp = self._record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.brought, indent=1, sort_keys=True))
-        os.replace(tmp, self._record_path)
+    async def _present(self, ref: str) -> str | None:
+        image = await self._inspect(ref)
+        return None if image is None else normalize_id(str(image["Id"]))
 
-    def _remember(self, ref: str, image_id: str, project: str, how: str) -> None:
-        entry = self.brought.setdefault(
-            ref, {"projects": [], "how": how, "brought_at": time.time()}
-        )
-        entry["id"] = image_id
-        entry["last_used"] = time.time()
-        if project not in entry["projects"]:
-            entry["projects"].append(project)
-        self._save_records()
-
-    async def ensure(self, request: TaskRequest, progress: Progress | None = None) -> str:
-        """The image reference to create the task's container from."""
+    async def _resolve(self, request: TaskRequest, progress: Progress | None) -> Resolved:
         if request.image_archive:
-            archive = self._find_archive(request)
-            key = f"archive:{archive}"
-            return await self._single_flight(key, lambda: self._load(archive, request, progress))
+            return await self._from_archive(request, progress)
         if request.image:
-            ref = request.image
-            return await self._single_flight(
-                f"pull:{ref}", lambda: self._pull(ref, request, progress)
-            )
+            return await self._from_registry(normalize_ref(request.image), request, progress)
         context = build_context(Path(request.slot_dir))
         digest = hashlib.sha256(context).hexdigest()[:16]
-        tag = f"boinc__{L.safe_name_part(request.project)}__{digest}"
-        return await self._single_flight(
-            f"build:{tag}", lambda: self._build(context, tag, request, progress)
+        tag = f"boinc__{L.safe_name_part(request.project).lower()}__{digest}"
+        image = await self._inspect(tag)
+        if image is not None:
+            image_id = normalize_id(str(image["Id"]))
+            labels = (image.get("Config") or {}).get("Labels") or {}
+            if image_id not in self.records.images and L.is_ours(labels, self.owner_id):
+                # Our own build, its record lost (images.json): labels are the truth.
+                self.records.bring(image_id, tag, "build")
+            return Resolved(tag, image_id)
+        if not request.allow_fetch:
+            raise _suspended(f"image {tag} must be built")
+        image_id = await self._single_flight(
+            f"build:{tag}",
+            request.result,
+            progress,
+            lambda key: self._build(context, tag, request, key),
         )
+        return Resolved(tag, image_id)
 
-    async def _single_flight(self, key: str, work: Callable[[], Awaitable[str]]) -> str:
+    async def _single_flight(
+        self,
+        key: str,
+        result: str,
+        progress: Progress | None,
+        work: Callable[[str], Awaitable[str]],
+    ) -> str:
         task = self._inflight.get(key)
         if task is None:
             # Its own task, held here until done: a waiter that gives up (a task
             # aborted mid-pull) must not cancel the pull the other waiters share.
-            task = asyncio.ensure_future(work())
+            task = asyncio.ensure_future(self._fly(key, work))
             self._inflight[key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(key, None))
-        return await asyncio.shield(task)
+            task.add_done_callback(lambda _: self._flight_done(key))
+        if progress is not None:
+            self._listeners.setdefault(key, []).append(progress)
+            if key in self._progress:
+                progress(self._progress[key])
+        waiting = self._waiting.setdefault(key, set())
+        waiting.add(result)
+        try:
+            return await asyncio.shield(task)
+        finally:
+            waiting.discard(result)
+
+    async def _fly(self, key: str, work: Callable[[str], Awaitable[str]]) -> str:
+        image_id = await work(key)
+        # Leased to every task waiting for it in the very step it was recorded as
+        # brought: the eviction that wakes cannot take it before they lease it.
+        for result in self._waiting.get(key, ()):
+            self.leases[result] = image_id
+        return image_id
+
+    def _flight_done(self, key: str) -> None:
+        self._inflight.pop(key, None)
+        self._progress.pop(key, None)
+        self._listeners.pop(key, None)
+        self._waiting.pop(key, None)
+
+    def _report(self, key: str, text: str) -> None:
+        """Every task waiting for this flight sees its progress (in `ctl status`)."""
+        self._progress[key] = text
+        for listener in self._listeners.get(key, []):
+            listener(text)
+
+    def in_progress(self) -> list[dict[str, Any]]:
+        """Pulls, loads and builds running now, for status."""
+        return [
+            {
+                "what": key,
+                "progress": self._progress.get(key, ""),
+                "tasks": len(self._listeners.get(key, ())),
+            }
+            for key in sorted(self._inflight)
+        ]
 
     async def close(self) -> None:
         """Cancel work nobody will wait for any more (daemon shutdown)."""
@@ -97,31 +230,71 @@ class ImageCache:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.records.save_if_dirty()
 
-    async def _pull(self, ref: str, request: TaskRequest, progress: Progress | None) -> str:
-        try:
-            image = await self.engine.inspect_image(ref)
-            self._remember(ref, image["Id"], request.project, "pull")
-            return ref
-        except NotFound:
-            pass
-        if not request.allow_fetch:
-            raise NetworkSuspended(
-                f"image {ref} is not here and BOINC has network activity suspended: "
-                "the task waits for the network to pull it"
-            )
-        log.info("pulling image", image=ref, result=request.result)
+    # -- pull ---------------------------------------------------------------------
+
+    def _stale(self, ref: str, now: float) -> bool:
+        """A tag this daemon pulled is asked again of the registry after the interval;
+        an image somebody else put here is used as it is."""
+        tag = self.records.tags.get(ref)
+        if tag is None or "@" in ref:
+            return False
+        return now - float(tag.get("resolved_at", 0.0)) >= self.tag_refresh_interval_s
+
+    async def _from_registry(
+        self, ref: str, request: TaskRequest, progress: Progress | None
+    ) -> Resolved:
+        present = await self._present(ref)
+        if present is not None and not self._stale(ref, time.time()):
+            return Resolved(ref, present)
+        if present is not None and not request.allow_fetch:
+            return Resolved(ref, present)  # the volunteer's network switch wins over freshness
+        if present is None and not request.allow_fetch:
+            raise _suspended(f"image {ref} is not here and must be pulled")
+        image_id = await self._single_flight(
+            f"pull:{ref}", request.result, progress, lambda key: self._pull(ref, present, key)
+        )
+        return Resolved(ref, image_id)
+
+    async def _pull(self, ref: str, had: str | None, key: str) -> str:
+        log.info("pulling image", image=ref, refresh=had is not None)
         self.operations += 1
+        tracker = PullProgress(ref)
 
         def on_line(line: dict[str, Any]) -> None:
-            if progress is not None and line.get("status"):
-                detail = line.get("progress") or line.get("id") or ""
-                progress(f"pull {ref}: {line['status']} {detail}".strip())
+            text = tracker.update(line)
+            if text is not None:
+                self._report(key, text)
+            if line.get("status") == "Pull complete":
+                log.info("image layer pulled", image=ref, layer=line.get("id"), done=text)
 
-        await self.engine.pull_image(ref, on_line)
-        image = await self.engine.inspect_image(ref)
-        self._remember(ref, image["Id"], request.project, "pull")
-        return ref
+        try:
+            await self.engine.pull_image(ref, on_line)
+            image_id = await self._present(ref)
+            if image_id is None:
+                raise ImageError(f"pull {ref}: the engine reports success but has no such image")
+        except BoincdError as exc:
+            error = self._failed(exc, f"cannot pull {ref}")
+            if had is None:
+                log.warning("pull failed", image=ref, error=error.message)
+                raise error from exc
+            # A refresh that fails leaves the image that is here in use; ask again
+            # only after another interval, not on every task while the registry is down.
+            log.warning("tag refresh failed; using the image here", image=ref, error=error.message)
+            self.records.resolved(ref, had, time.time())
+            return had
+        brought = had is None or image_id != had
+        if had is not None and image_id != had:
+            log.info("tag moved to a new image", image=ref, old=had, new=image_id)
+        self.records.resolved(ref, image_id, time.time())
+        if brought:
+            self.records.bring(image_id, ref, "pull")
+            self._changed()
+        log.info("image ready", image=ref, id=image_id, new=brought)
+        return image_id
+
+    # -- load ---------------------------------------------------------------------
 
     def _find_archive(self, request: TaskRequest) -> Path:
         """A name in the slot or project dir, or an absolute path inside one of them."""
@@ -136,68 +309,115 @@ class ImageCache:
                 return real
         raise ImageError(f"image_archive {name!r} is in neither the slot nor the project dir")
 
-    async def _load(self, archive: Path, request: TaskRequest, progress: Progress | None) -> str:
+    async def _from_archive(self, request: TaskRequest, progress: Progress | None) -> Resolved:
+        archive = self._find_archive(request)
         if request.image_digest:
-            digest = await asyncio.to_thread(_sha256_file, archive)
-            expected = request.image_digest.removeprefix("sha256:")
+            digest = await asyncio.to_thread(sha256_file, archive)
+            expected = request.image_digest.removeprefix("sha256:").lower()
             if digest != expected:
                 raise ImageError(
                     f"image_archive {archive.name}: sha256 {digest} "
                     f"does not match the job's {expected}"
                 )
-        if progress is not None:
-            progress(f"loading {archive.name}")
-        self.operations += 1
-        loaded = await self.engine.load_image(archive)
-        if not loaded:
-            raise ImageError(f"image_archive {archive.name}: the engine loaded no image from it")
-        ref = loaded[0]
-        image = await self.engine.inspect_image(ref)
-        self._remember(ref, image["Id"], request.project, "load")
-        return ref
+        # The image id is the hash of the archive's config: an image already here
+        # is not loaded again, whichever slot's copy of the archive a task brings.
+        image_id, tags = await asyncio.to_thread(archive_image, archive)
+        ref = tags[0] if tags else image_id or archive.name
+        if image_id and await self._present(image_id):
+            return Resolved(ref, image_id)
+        loaded_id = await self._single_flight(
+            f"load:{image_id or archive}",
+            request.result,
+            progress,
+            lambda key: self._load(archive, image_id, ref, key),
+        )
+        return Resolved(ref, loaded_id)
 
-    async def _build(
-        self, context: bytes, tag: str, request: TaskRequest, progress: Progress | None
-    ) -> str:
-        try:
-            image = await self.engine.inspect_image(tag)
-            self._remember(tag, image["Id"], request.project, "build")
-            return tag
-        except NotFound:
-            pass
+    async def _load(self, archive: Path, image_id: str | None, ref: str, key: str) -> str:
+        self._report(key, f"loading {archive.name}")
+        log.info("loading image archive", archive=str(archive))
         self.operations += 1
+        try:
+            loaded = await self.engine.load_image(archive)
+        except BoincdError as exc:
+            raise self._failed(exc, f"image_archive {archive.name} could not be loaded") from exc
+        found = image_id
+        if found is None and loaded:  # an archive in another layout: ask the engine
+            found = await self._present(loaded[0])
+        if found is None:
+            raise ImageError(f"image_archive {archive.name}: the engine loaded no image from it")
+        self.records.bring(found, ref, "load")
+        self._changed()
+        return found
+
+    # -- build --------------------------------------------------------------------
+
+    async def _build(self, context: bytes, tag: str, request: TaskRequest, key: str) -> str:
+        self.operations += 1
+        tracker = BuildTracker()
 
         def on_line(line: dict[str, Any]) -> None:
-            if progress is not None and line.get("stream", "").strip():
-                progress(f"build {tag}: {line['stream'].strip()}")
+            text = tracker.update(line)
+            if text:
+                self._report(key, f"build {tag}: {text}")
 
         labels = {L.OWNER: self.owner_id, L.PROJECT: request.project}
-        await self.engine.build_image(context, tag, labels, request.build_args, on_line)
-        image = await self.engine.inspect_image(tag)
-        self._remember(tag, image["Id"], request.project, "build")
-        return tag
+        log.info("building image", image=tag, result=request.result)
+        try:
+            await self.engine.build_image(context, tag, labels, request.build_args, on_line)
+            image_id = await self._present(tag)
+            if image_id is None:
+                raise ImageError(f"build {tag}: the engine reports success but has no such image")
+        except BoincdError as exc:
+            # Steps that did succeed left untagged images behind: ours, remove them.
+            for fresh in reversed(tracker.fresh_images):
+                try:
+                    await self.engine.remove_image(fresh)
+                except BoincdError as cleanup:
+                    log.warning(
+                        "cannot remove a failed build's step", image=fresh, error=str(cleanup)
+                    )
+            error = self._failed(exc, f"cannot build the slot's Dockerfile ({tag})")
+            log.warning("build failed", image=tag, error=error.message)
+            raise error from exc
+        self.records.bring(image_id, tag, "build")
+        self._changed()
+        return image_id
+
+    # -- removal ------------------------------------------------------------------
+
+    async def remove(self, image_id: str) -> Removal:
+        """Remove an image this daemon brought, if nothing uses or claims it."""
+        image_id = normalize_id(image_id)
+        async with self._lock:
+            record = self.records.images.get(image_id)
+            if record is None:
+                return Removal(image_id, False, "not brought by this daemon")
+            if image_id in self.leases.values():
+                return Removal(image_id, False, "a task is about to use it")
+            containers = await self.engine.list_containers({})
+            if any(normalize_id(str(c.get("ImageID", ""))) == image_id for c in containers):
+                return Removal(image_id, False, "a container uses it")
+            try:
+                image = await self.engine.inspect_image(image_id)
+            except NotFound:
+                self.records.forget(image_id)
+                return Removal(image_id, False, "already gone")
+            ours = {normalize_ref(r) for r in record.get("refs") or ()}  # a build's `:latest`
+            claimed = set(image.get("RepoTags") or ()) - ours - {"<none>:<none>"}
+            if claimed:
+                # Someone tagged it since: it is theirs too now.
+                return Removal(image_id, False, f"tagged {sorted(claimed)[0]} by someone else")
+            try:
+                await self.engine.remove_image(image_id)
+            except Conflict as exc:
+                return Removal(image_id, False, exc.message)
+            self.records.forget(image_id)
+            log.info("image removed", image=image_id, refs=record.get("refs"))
+            return Removal(image_id, True, "removed")
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def build_context(slot: Path) -> bytes:
-    """A reproducible tar of the slot's build files: same files, same bytes, same hash."""
-    if not (slot / "Dockerfile").is_file():
-        raise BadRequest("the job names no image and the slot has no Dockerfile to build")
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for path in sorted(slot.rglob("*")):
-            rel = path.relative_to(slot)
-            if rel.parts[0].startswith(_SLOT_NOISE) or not path.is_file() or path.is_symlink():
-                continue
-            info = tar.gettarinfo(str(path), arcname=str(rel))
-            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-            with path.open("rb") as fh:
-                tar.addfile(info, fh)
-    return buffer.getvalue()
+def _suspended(what: str) -> NetworkSuspended:
+    return NetworkSuspended(
+        f"{what} and BOINC has network activity suspended: the task waits for the network"
+    )

@@ -96,9 +96,21 @@ class TaskManager:
                 "it is left alone: remove or rename it to run this task"
             )
         record = TaskRecord(labels.get(L.RESULT, ""), labels.get(L.PROJECT, ""))
-        record.apply_inspect(data)
+        self.registry.apply(record, data)
         self.registry.tasks[record.result] = record
         return record
+
+    async def _created_meanwhile(self, request: TaskRequest) -> str | None:
+        """Our container for this result that appeared after the lookup: the create
+        of a daemon killed while the engine was still at it. None: not ours."""
+        try:
+            data = await self.engine.inspect_container(request.name)
+        except NotFound:
+            return None
+        labels = (data.get("Config") or {}).get("Labels") or {}
+        if L.is_ours(labels, self.registry.instance_id) and labels.get(L.RESULT) == request.result:
+            return str(data["Id"])
+        return None
 
     async def _prepare(self, record: TaskRecord, request: TaskRequest, uid: int, gid: int) -> None:
         def progress(text: str) -> None:
@@ -108,18 +120,26 @@ class TaskManager:
             image = await self.images.ensure(request, progress)
             config = container_config(
                 request,
-                image,
+                image.ref,
                 owner_id=self.registry.instance_id,
                 uid=uid,
                 gid=gid,
                 pids_limit=self.settings.pids_limit,
                 network_name=self.settings.network_name,
             )
+            # From the id resolved now: when the tag moves on, this task keeps its image.
+            config["Image"] = image.id
             if self.gpus is not None:
                 kind = self.engine.info.kind if self.engine.info else "docker"
                 config = await self.gpus.apply(request, config, kind)
             async with self.locked(request.result):
-                container_id = await self.engine.create_container(request.name, config)
+                try:
+                    container_id = await self.engine.create_container(request.name, config)
+                except Conflict:
+                    adopted = await self._created_meanwhile(request)
+                    if adopted is None:
+                        raise
+                    container_id = adopted
                 record.container_id = container_id
                 record.progress = ""
                 await self.registry.refresh(record)
@@ -138,6 +158,9 @@ class TaskManager:
             record.state, record.error = "failed", BoincdError(f"internal error: {exc!r}")
             log.error("task preparation crashed", result=request.result, exc_info=exc)
             record.notify()
+        finally:
+            # The container (if any) pins the image from now on.
+            self.images.release(request.result)
 
     # -- verbs ------------------------------------------------------------------
 
@@ -201,15 +224,23 @@ class TaskManager:
         async with self.locked(result):
             record = self._ready(result)
             if record.network:
+                network = await self._task_network(record)
                 if connected:
-                    await self.engine.connect_network(
-                        self.settings.network_name, record.container_id
-                    )
+                    await self.engine.connect_network(network, record.container_id)
                 else:
-                    await self.engine.disconnect_network(
-                        self.settings.network_name, record.container_id
-                    )
+                    await self.engine.disconnect_network(network, record.container_id)
             return await self.registry.refresh(record)
+
+    async def _task_network(self, record: TaskRecord) -> str:
+        """The network the container was created on: `network_name` may have changed
+        since (a daemon restarted with another config), the container's has not."""
+        data = await self.engine.inspect_container(record.container_id)
+        mode = str((data.get("HostConfig") or {}).get("NetworkMode") or "")
+        if mode == "default":  # the engine's alias of its bridge network
+            return "bridge"
+        if mode in ("", "none", "host") or ":" in mode:  # nothing to connect to
+            return self.settings.network_name
+        return mode
 
     async def remove(self, result: str) -> None:
         """Kill and remove the container with its volumes; already gone is fine."""

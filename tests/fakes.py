@@ -64,13 +64,12 @@ class FakeEngine:
         self.calls.append(("create", name))
         if any(d["Name"] == "/" + name for d in self.containers.values()):
             raise Conflict(f'the container name "/{name}" is already in use')
-        if config["Image"] not in self.images:
-            raise NotFound(f"no such image: {config['Image']}")
+        image = self._image(config["Image"])  # by reference or by id, as the engines do
         cid = f"{next(_ids):064x}"
         self.containers[cid] = {
             "Id": cid,
             "Name": "/" + name,
-            "Image": self.images[config["Image"]]["Id"],
+            "Image": image["Id"],
             "Config": {"Labels": dict(config.get("Labels") or {}), "Image": config["Image"]},
             "HostConfig": config.get("HostConfig", {}),
             "State": {
@@ -94,7 +93,7 @@ class FakeEngine:
     ) -> list[dict[str, Any]]:
         self._check()
         return [
-            {"Id": d["Id"], "Labels": d["Config"]["Labels"]}
+            {"Id": d["Id"], "Labels": d["Config"]["Labels"], "ImageID": d["Image"]}
             for d in self.containers.values()
             if all(d["Config"]["Labels"].get(k) == v for k, v in labels.items())
         ]
@@ -151,11 +150,17 @@ class FakeEngine:
         self._check()
         self._get(ref)["NetworkSettings"]["Networks"].pop(network, None)
 
+    def _image(self, ref: str) -> dict[str, Any]:
+        if ref in self.images:
+            return self.images[ref]
+        for image in self.images.values():
+            if image["Id"] == ref:
+                return image
+        raise NotFound(f"no such image: {ref}")
+
     async def inspect_image(self, ref: str) -> dict[str, Any]:
         self._check()
-        if ref not in self.images:
-            raise NotFound(f"no such image: {ref}")
-        return self.images[ref]
+        return self._image(ref)
 
     async def pull_image(self, ref: str, progress: Any = None) -> None:
         self._check()
