@@ -1,6 +1,13 @@
 """One sampling loop for every consumer (shim, ctl, /metrics): CPU time, memory,
 network bytes per task, read from cgroup and /proc files, never the engine's
-stats API (about 2 s per call here, against about 30 µs for the files)."""
+stats API (about 2 s per call here, against about 30 µs for the files).
+
+Network counters are the task's, not an interface's: disconnecting a container
+(BOINC suspended the network) removes its interface and the kernel's counters
+with it, and a reconnect starts new ones at zero. The BOINC client adds only
+increases of `bytes_sent`/`bytes_received` to its transfer history, so counters
+that fell back would hide traffic; they are kept monotonic here instead.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .cgroups import CgroupError, CgroupGone, CgroupReader
+from . import proctree
+from .cgroups import CgroupError, CgroupGone, CgroupReader, net_dev
 from .log import get_logger
 from .registry import Registry, TaskRecord
 
@@ -39,18 +47,45 @@ class Sample:
 _EMPTY = Sample(0.0, 0.0, 0, 0, 0, 0)
 
 
+@dataclass(slots=True)
+class _NetCounter:
+    """Raw interface totals → a task total that never decreases.
+
+    When the raw sum falls (an interface went away), what it had counted is
+    carried over; traffic between the last sample and the disconnect (under one
+    sampling interval) is the only loss.
+    """
+
+    container_id: str = ""
+    carried: int = 0
+    last_raw: int = 0
+
+    def total(self, container_id: str, raw: int) -> int:
+        if container_id != self.container_id:
+            # Another container for the same result (recreated): its own counters.
+            self.container_id, self.carried, self.last_raw = container_id, 0, 0
+        if raw < self.last_raw:
+            self.carried += self.last_raw
+        self.last_raw = raw
+        return self.carried + raw
+
+
 class Monitor:
     def __init__(self, registry: Registry, reader: CgroupReader | None = None) -> None:
         self.registry = registry
         self.reader = reader or CgroupReader()
         # Kept after a container stops: its last figures are its final ones.
         self.samples: dict[str, Sample] = {}
+        self._rx: dict[str, _NetCounter] = {}
+        self._tx: dict[str, _NetCounter] = {}
         self.ticks = 0
 
     def sample(self, record: TaskRecord) -> Sample | None:
         """Read one task's figures now; None when it has no live cgroup."""
         if not record.pid or not record.container_id:
             return None
+        if record.unenforced:
+            return self._sample_processes(record)
         try:
             cg = self.reader.sample(record.container_id, record.pid)
             rx, tx = self.reader.net_dev(record.container_id, record.pid)
@@ -64,8 +99,38 @@ class Monitor:
             cpu_time_s=cg.cpu_time_ns / 1e9,
             memory_bytes=cg.memory.usage_bytes,
             wss_bytes=cg.memory.working_set_bytes,
-            rx_bytes=rx,
-            tx_bytes=tx,
+            rx_bytes=self._rx.setdefault(record.result, _NetCounter()).total(
+                record.container_id, rx
+            ),
+            tx_bytes=self._tx.setdefault(record.result, _NetCounter()).total(
+                record.container_id, tx
+            ),
+        )
+        self.samples[record.result] = sample
+        return sample
+
+    def _sample_processes(self, record: TaskRecord) -> Sample | None:
+        """A container without a cgroup of its own (the engine could not apply its
+        limits: rootless on cgroup v1) shares one with the engine and other
+        containers; its own figures are the sums over its processes."""
+        usage = proctree.usage(record.pid)
+        if usage.processes == 0:
+            return None
+        try:
+            rx, tx = net_dev(record.pid)
+        except CgroupError:
+            rx = tx = 0
+        sample = Sample(
+            at=time.time(),
+            cpu_time_s=usage.cpu_time_ns / 1e9,
+            memory_bytes=usage.rss_bytes,
+            wss_bytes=usage.rss_bytes,
+            rx_bytes=self._rx.setdefault(record.result, _NetCounter()).total(
+                record.container_id, rx
+            ),
+            tx_bytes=self._tx.setdefault(record.result, _NetCounter()).total(
+                record.container_id, tx
+            ),
         )
         self.samples[record.result] = sample
         return sample
@@ -77,6 +142,8 @@ class Monitor:
         for result in list(self.samples):
             if result not in self.registry.tasks:
                 del self.samples[result]
+                self._rx.pop(result, None)
+                self._tx.pop(result, None)
         self.ticks += 1
 
     async def run(self, interval_s: float) -> None:

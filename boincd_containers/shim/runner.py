@@ -17,6 +17,7 @@ from typing import Any
 
 from .boinc_api import (
     EXIT_ABORTED_BY_CLIENT,
+    EXIT_CHILD_FAILED,
     EXIT_QUIT,
     EXIT_TEMPORARY,
     AppChannel,
@@ -38,6 +39,9 @@ CREATE_RETRY_S = 5.0  # between attempts to prepare a task that failed retryably
 MAX_BACKOFF_S = 5.0  # between attempts to reach a daemon that is down
 WITHDRAW_TIMEOUT_S = 3.0  # the client reads app_status about once a second
 CPU_BASE_FILE = "boincd_cpu_base"  # CPU time the task had when its container started
+# The daemon stopped the container past a bound (task JSON `limit_exceeded`): fail
+# with the status the client gives a native app past it (lib/error_numbers.h).
+LIMIT_EXIT_STATUS = {"disk": 196, "memory": 198}  # EXIT_DISK/MEM_LIMIT_EXCEEDED
 
 
 @dataclass
@@ -217,18 +221,41 @@ class Runner:
             self.suspended = False
         if messages.network_suspended != self.network_suspended:
             self.network_suspended = messages.network_suspended
-            if self.job.network and self.task.get("container_id"):
-                connected = not self.network_suspended
-                if self._call("POST", f"/v1/tasks/{self.result}/network", {"connected": connected}):
-                    say("network " + ("reconnected" if connected else "disconnected (BOINC)"))
+            self._sync_network()
         return None
+
+    def _sync_network(self) -> None:
+        """Make the container's network follow the client's switch.
+
+        Compared with the container's own state, not only on a flip of the
+        switch: a task created while the network is off, or attached after a
+        restart, is brought in line too, before it starts.
+        """
+        if not (self.job.network and self.task.get("network")):
+            return
+        if self.task.get("state") not in ("created", "running", "paused"):
+            return
+        connected = not self.network_suspended
+        if bool(self.task.get("network_connected")) == connected:
+            return
+        verb = "reconnect" if connected else "disconnect"
+        try:
+            task = self._call("POST", f"/v1/tasks/{self.result}/network", {"connected": connected})
+        except DaemonError as exc:
+            self._say_once("network", f"cannot {verb} the container's network: {exc.message}")
+            return
+        if task is not None:
+            self.task = task
+            say(f"network {verb}ed" + ("" if connected else " (BOINC suspended network activity)"))
 
     def _create(self) -> None:
         """Ask for the task; after a retryable failure (GPU busy, network off) not
         before a few seconds have passed or the client's network switch flipped."""
         now = time.monotonic()
-        if self.task and now < self.create_retry_at and (
-            self.create_network_suspended == self.network_suspended
+        if (
+            self.task
+            and now < self.create_retry_at
+            and (self.create_network_suspended == self.network_suspended)
         ):
             return
         self.create_retry_at = now + CREATE_RETRY_S
@@ -248,7 +275,11 @@ class Runner:
         state = self.task.get("state")
         if state in ("preparing", None) or due:
             self._refresh()
+            self._sync_network()
             state = self.task.get("state")
+        limit = self.task.get("limit_exceeded")
+        if state == "exited" and isinstance(limit, dict):
+            return self._finish_over_limit(limit)
         if state in ("failed", "waiting"):
             error = self.task.get("error") or {}
             if error.get("retryable"):
@@ -272,6 +303,10 @@ class Runner:
         task = self._call("GET", f"/v1/tasks/{self.result}") if self.task else None
         if task is not None:
             self.task = task
+            # What the daemon could not do for this task (limits a rootless engine
+            # cannot apply): once in stderr.txt, where the project sees it.
+            for warning in task.get("warnings") or []:
+                self._say_once(f"warning:{warning}", f"warning: {warning}")
 
     def _start(self) -> None:
         cpu_base = self.init.wu_cpu_time
@@ -342,13 +377,19 @@ class Runner:
 
     # -- the end -----------------------------------------------------------------
 
-    def _finish(self, exit_code: int) -> int:
+    def _finish_over_limit(self, limit: dict[str, Any]) -> int:
+        """Checked before `interrupted`: such a container must never be restarted."""
+        status = LIMIT_EXIT_STATUS.get(str(limit.get("kind")), EXIT_CHILD_FAILED)
+        return self._finish(status, str(limit.get("message") or "a resource limit was exceeded"))
+
+    def _finish(self, exit_code: int, message: str | None = None) -> int:
         self._copy_logs()
         self._report()
         self._withdraw_other_pid()
-        message = None if exit_code == 0 else f"container exited with status {exit_code}"
-        if exit_code == 137 and self.task.get("oom_killed"):
-            message = "container killed: out of memory (BOINC's memory bound for this task)"
+        if message is None and exit_code != 0:
+            message = f"container exited with status {exit_code}"
+            if exit_code == 137 and self.task.get("oom_killed"):
+                message = "container killed: out of memory (BOINC's memory bound for this task)"
         say(message or "container finished")
         write_finish_file(self.slot, exit_code, message)
         self._call("DELETE", f"/v1/tasks/{self.result}")
