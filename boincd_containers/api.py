@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from . import gc, inventory, limits, memwatch, metrics
 from .errors import BadRequest, BoincdError, Forbidden
 from .log import get_logger
-from .peercred import peer_credentials
+from .peercred import Peer, peer_credentials
 from .registry import TaskRecord
 from .service import Daemon, Feature
 from .taskspec import parse_request
@@ -18,7 +20,9 @@ from .taskspec import parse_request
 log = get_logger(__name__)
 
 DAEMON = web.AppKey("daemon", Daemon)
-FEATURES: tuple[Feature, ...] = ()
+PEER = web.RequestKey("peer", Peer)
+# memwatch after limits: it shares the record of exceeded limits.
+FEATURES: tuple[Feature, ...] = (metrics, limits, memwatch, inventory, gc)
 API_VERSION = 1
 _READ_METHODS = {"GET", "HEAD", "OPTIONS"}
 
@@ -36,7 +40,7 @@ async def errors_and_auth(
         peer = peer_credentials(transport.get_extra_info("socket") if transport else None)
         if peer is None:
             raise Forbidden("the API is only served on a Unix socket")
-        request["peer"] = peer
+        request[PEER] = peer
         if request.method not in _READ_METHODS:
             allowed = request.app[DAEMON].writer_uids
             if peer.uid not in allowed:
@@ -104,7 +108,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 async def create_task(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     task_request = parse_request(await _body(request))
-    record = await daemon.tasks.create_or_attach(task_request, request["peer"].uid)
+    record = await daemon.tasks.create_or_attach(task_request, request[PEER].uid)
     return web.json_response(_task_json(daemon, record), status=200)
 
 
@@ -112,6 +116,8 @@ async def create_task(request: web.Request) -> web.Response:
 async def get_task(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     record = daemon.registry.get(request.match_info["result"])
+    # A shim polls its task here each second: that keeps its lease (gc.py).
+    record.last_seen = time.time()
     return web.json_response(_task_json(daemon, record))
 
 

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from .engine import Engine
 from .errors import BoincdError
-from .gpu import GpuAllocator, default_backends
+from .gpu import GpuAllocator, GpuBackend, default_backends
 from .gpus import GpuService
 from .images import ImageCache
 from .log import get_logger
@@ -23,7 +23,7 @@ from .monitor import Monitor
 from .peercred import writer_uids
 from .providers import StatusProvider
 from .registry import Registry, TaskRecord
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .tasks import TaskManager
 
 log = get_logger(__name__)
@@ -51,6 +51,21 @@ def load_instance_id(state_dir: Path) -> str:
     return new_id
 
 
+def gpu_backends(choice: str) -> list[GpuBackend]:
+    """The GPU inventories the `gpu_backend` setting names (see settings.py)."""
+    if choice == "auto":
+        return default_backends()
+    if choice == "none":
+        return []
+    kind, _, count = choice.partition(":")
+    if kind == "fake" and count.isdigit():
+        # Pretend NVIDIA cards: lets GPU task creation be tested on hosts without a GPU.
+        from .gpu.fake import FakeGpuBackend
+
+        return [FakeGpuBackend.with_gpus(int(count))]
+    raise SettingsError(f"setting 'gpu_backend': {choice!r} is not one of auto, none, fake:N")
+
+
 def _version() -> str:
     try:
         return package_version("boincd-containers")
@@ -69,7 +84,7 @@ class Daemon:
         self.registry = Registry(self.engine, self.instance_id)
         self.images = ImageCache(self.engine, self.state_dir, self.instance_id)
         self.monitor = Monitor(self.registry)
-        self.gpus = GpuService(GpuAllocator(default_backends()), self.registry)
+        self.gpus = GpuService(GpuAllocator(gpu_backends(settings.gpu_backend)), self.registry)
         self.registry.on_adopt.append(self.gpus.restore)
         self.tasks = TaskManager(settings, self.engine, self.registry, self.images, self.gpus)
         self.extra_status: list[StatusProvider] = [self.monitor, self.gpus]

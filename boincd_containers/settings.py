@@ -50,6 +50,9 @@ class Settings:
     tag_refresh_interval_s: float = 3600.0
     network_name: str = "bridge"
     engine_timeout_s: float = 60.0
+    # GPU inventory: "auto" (NVML for NVIDIA, /sys for AMD and Intel), "none" (give
+    # containers no GPU), or "fake:N" (N pretend NVIDIA cards, for tests on GPU-less hosts).
+    gpu_backend: str = "auto"
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
