@@ -6,9 +6,10 @@ Starts N idle busybox containers, then times
   * ``GET /containers/{id}/stats?stream=false`` (what a stats-based monitor calls), and the
     same with ``one-shot=true`` (API >= 1.41, skips the second CPU sample);
   * one monitoring tick over all N containers each way (API calls made concurrently).
-Prints one JSON object; removes its containers whatever happens.
+Prints one JSON object; removes its containers whatever happens. Part of the suite
+(`python -m benchmarks`); alone:
 
-    .venv/bin/python benchmarks/bench_monitor_sample.py [--containers N] [--stats-calls K]
+    .venv/bin/python -m benchmarks.bench_monitor_sample [--containers N] [--stats-calls K]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import aiohttp
 
+from benchmarks.common import Result, Run
 from boincd_containers.cgroups import CgroupReader, cgroup_mode
 
 IMAGE = "boincd-test/busybox:latest"
@@ -143,28 +145,23 @@ async def _time_stats(
     }
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--containers", type=int, default=4)
-    parser.add_argument("--samples", type=int, default=2000, help="cgroup samples per container")
-    parser.add_argument("--stats-calls", type=int, default=3, help="API calls per container")
-    args = parser.parse_args()
-
+async def measure(containers_n: int, samples: int, stats_calls: int) -> dict[str, Any]:
+    """Everything above, on `containers_n` fresh containers, as one JSON-able dict."""
     run_id = uuid.uuid4().hex[:8]
     timeout = aiohttp.ClientTimeout(total=120)
     connector = aiohttp.UnixConnector(path=_socket_path())
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         try:
             version = await _api(session, "GET", "/version")
-            containers = [await _start(session, run_id, i) for i in range(args.containers)]
-            cg = _time_cgroups(containers, args.samples)
-            stats = await _time_stats(session, containers, args.stats_calls, one_shot=False)
-            one_shot = await _time_stats(session, containers, args.stats_calls, one_shot=True)
+            containers = [await _start(session, run_id, i) for i in range(containers_n)]
+            cg = _time_cgroups(containers, samples)
+            stats = await _time_stats(session, containers, stats_calls, one_shot=False)
+            one_shot = await _time_stats(session, containers, stats_calls, one_shot=True)
         finally:
             await _remove_all(session, run_id)
 
     sample_ms = cg["sample"]["median"] / 1e3
-    result = {
+    return {
         "benchmark": "monitor_sample",
         "host": {
             "engine": f"Docker {version['Version']} (API {version['ApiVersion']})",
@@ -173,7 +170,7 @@ async def main() -> None:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
         },
-        "containers": args.containers,
+        "containers": containers_n,
         "cgroup": cg,
         "stats_api_stream_false": stats,
         "stats_api_one_shot": one_shot,
@@ -182,7 +179,37 @@ async def main() -> None:
             one_shot["call"]["median"] / sample_ms
         ),
     }
-    print(json.dumps(result, indent=2))
+
+
+async def bench_monitor_sample(run: Run, result: Result) -> None:
+    """Part of 3: the cost of one sample, cgroup files against the stats API."""
+    data = await measure(run.n(2, 1), run.n(2000, 200), run.n(2, 1))
+    result.details["monitor_sample"] = data
+    cg_us = data["cgroup"]["sample"]["median"]
+    stats_ms = data["stats_api_stream_false"]["call"]["median"]
+    one_shot_ms = data["stats_api_one_shot"]["call"]["median"]
+    ratio = stats_ms * 1e3 / cg_us
+    result.claim(
+        "monitor.sample",
+        "one sample from cgroup files (cpu + memory, median)",
+        cg_us,
+        "µs",
+        baseline=stats_ms * 1e3,
+        baseline_what="one stats API call, stream=false",
+        goal="≥ 1000x cheaper",
+        met=ratio >= 1000,
+        note=f"stats one-shot=true {one_shot_ms:.0f} ms; "
+        f"resolving a cgroup once {data['cgroup']['resolve']['median']:.0f} µs",
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--containers", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=2000, help="cgroup samples per container")
+    parser.add_argument("--stats-calls", type=int, default=3, help="API calls per container")
+    args = parser.parse_args()
+    print(json.dumps(await measure(args.containers, args.samples, args.stats_calls), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Benchmarks of boincd-containers against the bare engine: `python -m benchmarks`."""
