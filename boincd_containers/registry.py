@@ -254,9 +254,9 @@ class Registry:
             seen.add(result)
         for result, record in list(self.tasks.items()):
             if result not in seen and record.container_id and record.state != "preparing":
-                record.state = "removed"
-                record.notify()
-                del self.tasks[result]
+                # Absent from the list, but perhaps created after the list was
+                # taken: only the engine's own "no such container" drops a record.
+                await self.refresh(record)
         self.engine_error = None
 
     def apply(self, record: TaskRecord, data: dict[str, Any]) -> None:
@@ -272,7 +272,8 @@ class Registry:
         except NotFound:
             record.state = "removed"
             record.notify()
-            self.tasks.pop(record.result, None)
+            if self.tasks.get(record.result) is record:
+                del self.tasks[record.result]
         return record
 
     async def handle_event(self, event: dict[str, Any]) -> None:

@@ -181,3 +181,23 @@ async def test_start_restarts_a_container_interrupted_by_reboot(rig: Rig, tmp_pa
     started = await rig.tasks.start("r_0")
     assert started.state == "running"
     assert data["Config"]["Labels"][L.RESULT] == "r_0"
+
+
+async def test_relist_keeps_a_task_created_after_the_list_was_taken(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await rig.tasks.create_or_attach(request(tmp_path / "slot"), 0)
+    record = await rig.ready("r_0")
+
+    async def stale_list(labels: dict[str, str], *, size: bool = False) -> list[dict[str, Any]]:
+        return []  # the engine's answer from just before the create
+
+    monkeypatch.setattr(rig.engine, "list_containers", stale_list)
+    await rig.registry.relist()
+    assert rig.registry.get("r_0") is record
+    assert record.state == "created"
+    # A container that is really gone is dropped.
+    del rig.engine.containers[record.container_id]
+    await rig.registry.relist()
+    with pytest.raises(NotFound):
+        rig.registry.get("r_0")
