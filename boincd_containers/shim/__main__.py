@@ -21,7 +21,7 @@ from .boinc_api import (
     write_finish_file,
     write_temporary_exit_file,
 )
-from .client import DaemonClient
+from .client import DaemonClient, DaemonError
 from .initdata import InitDataError, load_init_data
 from .jobfile import JobError, load_job
 from .runner import Runner, TaskFailed, say
@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return Runner(init, job, channel, client, slot).run()
     except TaskFailed as exc:
         return _fail(slot, 1, str(exc))
+    except (DaemonError, OSError) as exc:
+        # Never a traceback in stderr.txt: say what went wrong and fail the task.
+        return _fail(slot, 1, f"unexpected error: {exc}")
     finally:
         client.close()
         channel.close()

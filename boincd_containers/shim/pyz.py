@@ -3,12 +3,26 @@ version's main program: `python -m boincd_containers.shim.pyz OUT.pyz`."""
 
 from __future__ import annotations
 
+import py_compile
 import sys
+import tempfile
 import zipapp
 import zipfile
 from pathlib import Path
 
 _MAIN = "import sys\nfrom boincd_containers.shim.__main__ import main\nsys.exit(main())\n"
+
+
+def _bytecode(source: Path) -> bytes:
+    """The .pyc bytes of `source` for this interpreter (unchecked hash-based, so a
+    zip's mtimes do not matter)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "module.pyc"
+        py_compile.compile(
+            str(source), cfile=str(out), doraise=True,
+            invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+        )  # fmt: skip
+        return out.read_bytes()
 
 
 def build_pyz(out: Path, interpreter: str = "/usr/bin/env python3") -> Path:
@@ -21,7 +35,11 @@ def build_pyz(out: Path, interpreter: str = "/usr/bin/env python3") -> Path:
         archive.writestr("boincd_containers/__init__.py", "")
         for source in sorted(shim_dir.glob("*.py")):
             if source.name != "pyz.py":
-                archive.write(source, f"boincd_containers/shim/{source.name}")
+                name = f"boincd_containers/shim/{source.name}"
+                archive.write(source, name)
+                # zipimport uses a .pyc beside the .py when its magic number
+                # matches the interpreter: no compiling at every task start.
+                archive.writestr(name + "c", _bytecode(source))
     zipapp.create_archive(tmp, out, interpreter=interpreter)
     tmp.unlink()
     out.chmod(0o755)

@@ -140,7 +140,12 @@ class Runner:
             if exc.retryable:
                 self._unreachable(exc.message, code=exc.code)
                 return None
-            raise
+            if exc.code == "not_found" and path.startswith("/v1/tasks/"):
+                # The daemon lost the task (its record, not the container): ask
+                # again; create-or-attach adopts the container by its name.
+                self.task = {}
+                return None
+            raise TaskFailed(f"the daemon refused {method} {path}: {exc.message}") from None
         if self.unreachable_since is not None:
             say("the daemon is back")
             self.said.discard("unreachable")
@@ -241,8 +246,8 @@ class Runner:
         verb = "reconnect" if connected else "disconnect"
         try:
             task = self._call("POST", f"/v1/tasks/{self.result}/network", {"connected": connected})
-        except DaemonError as exc:
-            self._say_once("network", f"cannot {verb} the container's network: {exc.message}")
+        except TaskFailed as exc:
+            self._say_once("network", f"cannot {verb} the container's network: {exc}")
             return
         if task is not None:
             self.task = task
@@ -261,10 +266,7 @@ class Runner:
         self.create_retry_at = now + CREATE_RETRY_S
         self.create_network_suspended = self.network_suspended
         body = task_request(self.init, self.job, self.slot, allow_fetch=not self.network_suspended)
-        try:
-            task = self._call("POST", "/v1/tasks", body)
-        except DaemonError as exc:
-            self._fail(f"the daemon refused the task: {exc.message}")
+        task = self._call("POST", "/v1/tasks", body)
         if task is not None:
             self.task = task
 
@@ -273,7 +275,7 @@ class Runner:
         now = time.monotonic()
         due = now - self.last_status >= STATUS_EVERY_S
         state = self.task.get("state")
-        if state in ("preparing", None) or due:
+        if state in ("preparing", None) or due or self._container_gone():
             self._refresh()
             self._sync_network()
             state = self.task.get("state")
@@ -298,6 +300,20 @@ class Runner:
             self.last_status = now
             self._report()
         return None
+
+    def _container_gone(self) -> bool:
+        """Whether the running container's init has ended: one cheap syscall per
+        tick, so an exit is noticed within a tick instead of at the next report."""
+        pid = int(self.task.get("pid") or 0)
+        if self.task.get("state") != "running" or pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, under another user
+        return False
 
     def _refresh(self) -> None:
         task = self._call("GET", f"/v1/tasks/{self.result}") if self.task else None
@@ -362,6 +378,28 @@ class Runner:
             )
         )
 
+    def _final_status(self) -> None:
+        """The last report, naming our own pid as other_pid, left in the channel.
+
+        A running client reads the pending app_status when it handles our exit,
+        before it kills other_pid (ACTIVE_TASK::handle_exited_app), so there is no
+        need to wait for it; only for the channel to be free, or an older report
+        naming the exited container's pid would be the one read.
+        """
+        deadline = time.monotonic() + WITHDRAW_TIMEOUT_S
+        while not self.channel.status_consumed() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.channel.send_status(
+            StatusReport(
+                current_cpu_time=self._cpu_base() + float(self.task.get("cpu_time_s") or 0.0),
+                checkpoint_cpu_time=self.checkpoint_cpu,
+                fraction_done=self._fraction_done(),
+                other_pid=os.getpid(),
+                bytes_sent=float(self.task.get("tx_bytes") or 0),
+                bytes_received=float(self.task.get("rx_bytes") or 0),
+            )
+        )
+
     def _withdraw_other_pid(self) -> None:
         """Name our own pid as other_pid and wait until the client has read it."""
         report = StatusReport(
@@ -384,8 +422,7 @@ class Runner:
 
     def _finish(self, exit_code: int, message: str | None = None) -> int:
         self._copy_logs()
-        self._report()
-        self._withdraw_other_pid()
+        self._final_status()
         if message is None and exit_code != 0:
             message = f"container exited with status {exit_code}"
             if exit_code == 137 and self.task.get("oom_killed"):

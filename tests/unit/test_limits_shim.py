@@ -44,6 +44,9 @@ class FakeChannel:
         self.reports.append(report)
         return True
 
+    def status_consumed(self) -> bool:
+        return True  # the client reads each report at once here
+
 
 class FakeDaemon:
     """Answers as the daemon would; `on_call` lets a test move the task along."""

@@ -133,6 +133,9 @@ class Channel:
     def deliver_status(self, report: StatusReport, timeout_s: float) -> bool:
         return True
 
+    def status_consumed(self) -> bool:
+        return True
+
 
 class Daemon:
     """A task that runs a few seconds with a warning, then is stopped past its bound."""
