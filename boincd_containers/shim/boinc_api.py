@@ -25,8 +25,8 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 MMAPPED_FILE_NAME = "boinc_mmap_file"
 MSG_CHANNEL_SIZE = 1024
@@ -82,8 +82,7 @@ class BoincApiError(Exception):
     """The client/app channel or a slot file cannot be used."""
 
 
-@dataclass(frozen=True)
-class ControlMessages:
+class ControlMessages(NamedTuple):
     """What one :meth:`AppChannel.poll` found.
 
     The client queues process-control messages and hands over at most one per
@@ -105,8 +104,7 @@ class ControlMessages:
     heartbeat_text: str | None = None
 
 
-@dataclass(frozen=True)
-class StatusReport:
+class StatusReport(NamedTuple):
     """An app_status message, in what client 7.20 parses (get_app_status_msg)."""
 
     current_cpu_time: float

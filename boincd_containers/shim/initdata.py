@@ -12,8 +12,8 @@ import html
 import math
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 INIT_DATA_FILE = "init_data.xml"
 
@@ -22,8 +22,7 @@ class InitDataError(Exception):
     """init_data.xml is missing or cannot be understood."""
 
 
-@dataclass(frozen=True)
-class InitData:
+class InitData(NamedTuple):
     result_name: str
     wu_name: str
     app_name: str

@@ -17,9 +17,8 @@ import posixpath
 import re
 import shlex
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 JOB_FILE = "job.toml"
 DOCKERFILE = "Dockerfile"
@@ -32,8 +31,7 @@ class JobError(Exception):
     """job.toml is missing or wrong; the message says how to fix it."""
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(NamedTuple):
     source: str  # absolute host path, symlinks resolved, inside the slot or project dir
     target: str  # absolute path in the container
     read_only: bool
@@ -42,8 +40,7 @@ class Mount:
         return {"source": self.source, "target": self.target, "read_only": self.read_only}
 
 
-@dataclass(frozen=True)
-class JobSpec:
+class JobSpec(NamedTuple):
     slot_dir: str
     project_dir: str | None
     image: str | None = None

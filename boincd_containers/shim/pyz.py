@@ -25,8 +25,14 @@ def _bytecode(source: Path) -> bytes:
         return out.read_bytes()
 
 
-def build_pyz(out: Path, interpreter: str = "/usr/bin/env python3") -> Path:
-    """Only the shim's own standard-library modules go in: small and fast to start."""
+def build_pyz(out: Path, python: str = "/usr/bin/env -S python3") -> Path:
+    """Only the shim's own standard-library modules go in: small and fast to start.
+
+    The interpreter runs isolated and without `site` (-IS): the shim needs nothing
+    from site-packages or PYTHON* variables, and skipping them saves time and memory
+    at every task start.
+    """
+    interpreter = f"{python} -IS"
     shim_dir = Path(__file__).resolve().parent
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".zip.tmp")

@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .boinc_api import (
     EXIT_ABORTED_BY_CLIENT,
@@ -44,8 +43,7 @@ CPU_BASE_FILE = "boincd_cpu_base"  # CPU time the task had when its container st
 LIMIT_EXIT_STATUS = {"disk": 196, "memory": 198}  # EXIT_DISK/MEM_LIMIT_EXCEEDED
 
 
-@dataclass
-class ShimConfig:
+class ShimConfig(NamedTuple):
     # Past this without the daemon (or with the engine down), give the task back
     # to the client for a later retry instead of hanging in its slot.
     unreachable_limit_s: float = float(os.environ.get("BOINCD_SHIM_UNREACHABLE_S", "600"))
@@ -112,6 +110,7 @@ class Runner:
         self.task: dict[str, Any] = {}
         self.unreachable_since: float | None = None
         self.retry_at = 0.0
+        self.waited = False  # this tick already spent its time in a long poll
         self.heartbeat_seen = False
         self.first_heartbeat_deadline = time.monotonic() + FIRST_HEARTBEAT_WAIT_S
         self.create_retry_at = 0.0
@@ -203,7 +202,9 @@ class Runner:
             outcome = self._give_up_if_unreachable_too_long()
             if outcome is not None:
                 return outcome
-            time.sleep(TICK_S)
+            if not self.waited:
+                time.sleep(TICK_S)
+            self.waited = False
 
     def _handle_messages(self, messages: ControlMessages) -> int | None:
         if messages.abort:
@@ -316,7 +317,16 @@ class Runner:
         return False
 
     def _refresh(self) -> None:
-        task = self._call("GET", f"/v1/tasks/{self.result}") if self.task else None
+        if not self.task:
+            return
+        if self.task.get("state") == "preparing":
+            # Long-poll instead of sleeping: the answer comes the moment the
+            # container is created, and within a tick if not, so the client's
+            # messages are still read every tick.
+            task = self._call("POST", f"/v1/tasks/{self.result}/wait?timeout={TICK_S}")
+            self.waited = True
+        else:
+            task = self._call("GET", f"/v1/tasks/{self.result}")
         if task is not None:
             self.task = task
             # What the daemon could not do for this task (limits a rootless engine
