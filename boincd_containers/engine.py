@@ -547,8 +547,21 @@ class Engine:
         self, labels: dict[str, str], since: float | None = None
     ) -> AsyncIterator[JSON]:
         """Engine events for our objects, until the stream ends (raise Unavailable then)."""
-        docker = await self._docker()
         filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        async for event in self._event_stream("engine events", filters, since):
+            yield event
+
+    async def image_events(self, since: float | None = None) -> AsyncIterator[JSON]:
+        """Every image event (pull, load, tag, untag, delete, import...), whoever caused
+        it: the disk accounting covers all images, not only ours. Until the stream
+        ends (raise Unavailable then)."""
+        async for event in self._event_stream("engine image events", {"type": ["image"]}, since):
+            yield event
+
+    async def _event_stream(
+        self, what: str, filters: dict[str, list[str]], since: float | None
+    ) -> AsyncIterator[JSON]:
+        docker = await self._docker()
         params: JSON = {"filters": json.dumps(filters)}
         if since is not None:
             params["since"] = str(int(since))
@@ -565,29 +578,5 @@ class Engine:
                     if raw_line.strip():
                         yield engine_compat.normalize_event(json.loads(raw_line))
         except (TimeoutError, DockerError, aiohttp.ClientError, OSError) as exc:
-            raise _translate(exc, "engine events") from exc
-        raise Unavailable("engine events: the stream ended")
-
-    async def image_events(self, since: float | None = None) -> AsyncIterator[JSON]:
-        """Every image event (pull, load, tag, untag, delete, import...), whoever caused
-        it: the disk accounting covers all images, not only ours. Until the stream
-        ends (raise Unavailable then)."""
-        docker = await self._docker()
-        params: JSON = {"filters": json.dumps({"type": ["image"]})}
-        if since is not None:
-            params["since"] = str(int(since))
-        try:
-            async with docker._query(
-                "events",
-                "GET",
-                params=params,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None),
-            ) as response, response:
-                # The second `response`: aiodocker leaves closing it to us, and an
-                # event stream is left early (reconnect, shutdown): close it then.
-                async for raw_line in response.content:
-                    if raw_line.strip():
-                        yield engine_compat.normalize_event(json.loads(raw_line))
-        except (TimeoutError, DockerError, aiohttp.ClientError, OSError) as exc:
-            raise _translate(exc, "engine image events") from exc
-        raise Unavailable("engine image events: the stream ended")
+            raise _translate(exc, what) from exc
+        raise Unavailable(f"{what}: the stream ended")
