@@ -94,11 +94,19 @@ class Monitor:
         except CgroupError as exc:
             log.debug("cannot sample task", result=record.result, error=str(exc))
             return None
+        return self._keep(
+            record, cg.cpu_time_ns, cg.memory.usage_bytes, cg.memory.working_set_bytes, rx, tx
+        )
+
+    def _keep(
+        self, record: TaskRecord, cpu_ns: int, memory: int, wss: int, rx: int, tx: int
+    ) -> Sample:
+        """Store one task's figures; network counters carry over a disconnect."""
         sample = Sample(
             at=time.time(),
-            cpu_time_s=cg.cpu_time_ns / 1e9,
-            memory_bytes=cg.memory.usage_bytes,
-            wss_bytes=cg.memory.working_set_bytes,
+            cpu_time_s=cpu_ns / 1e9,
+            memory_bytes=memory,
+            wss_bytes=wss,
             rx_bytes=self._rx.setdefault(record.result, _NetCounter()).total(
                 record.container_id, rx
             ),
@@ -120,20 +128,7 @@ class Monitor:
             rx, tx = net_dev(record.pid)
         except CgroupError:
             rx = tx = 0
-        sample = Sample(
-            at=time.time(),
-            cpu_time_s=usage.cpu_time_ns / 1e9,
-            memory_bytes=usage.rss_bytes,
-            wss_bytes=usage.rss_bytes,
-            rx_bytes=self._rx.setdefault(record.result, _NetCounter()).total(
-                record.container_id, rx
-            ),
-            tx_bytes=self._tx.setdefault(record.result, _NetCounter()).total(
-                record.container_id, tx
-            ),
-        )
-        self.samples[record.result] = sample
-        return sample
+        return self._keep(record, usage.cpu_time_ns, usage.rss_bytes, usage.rss_bytes, rx, tx)
 
     def tick(self) -> None:
         for record in list(self.registry.tasks.values()):
