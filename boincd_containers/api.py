@@ -13,7 +13,6 @@ from . import gc, inventory, limits, memwatch, metrics
 from .errors import BadRequest, BoincdError, Forbidden
 from .log import get_logger
 from .peercred import Peer, peer_credentials
-from .registry import TaskRecord
 from .service import Daemon, Feature
 from .taskspec import parse_request
 
@@ -71,10 +70,6 @@ async def _body(request: web.Request) -> Any:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
 
 
-def _task_json(daemon: Daemon, record: TaskRecord) -> dict[str, Any]:
-    return daemon.task_json(record)
-
-
 routes = web.RouteTableDef()
 
 
@@ -100,7 +95,7 @@ async def gpus(request: web.Request) -> web.Response:
 async def list_tasks(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     return web.json_response(
-        {"tasks": [_task_json(daemon, r) for r in daemon.registry.tasks.values()]}
+        {"tasks": [daemon.task_json(r) for r in daemon.registry.tasks.values()]}
     )
 
 
@@ -109,7 +104,7 @@ async def create_task(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     task_request = parse_request(await _body(request))
     record = await daemon.tasks.create_or_attach(task_request, request[PEER].uid)
-    return web.json_response(_task_json(daemon, record), status=200)
+    return web.json_response(daemon.task_json(record), status=200)
 
 
 @routes.get("/v1/tasks/{result}")
@@ -118,7 +113,7 @@ async def get_task(request: web.Request) -> web.Response:
     record = daemon.registry.get(request.match_info["result"])
     # A shim polls its task here each second: that keeps its lease (gc.py).
     record.last_seen = time.time()
-    return web.json_response(_task_json(daemon, record))
+    return web.json_response(daemon.task_json(record))
 
 
 def _verb(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -126,7 +121,7 @@ def _verb(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         daemon = request.app[DAEMON]
         method = getattr(daemon.tasks, name)
         record = await method(request.match_info["result"])
-        return web.json_response(_task_json(daemon, record))
+        return web.json_response(daemon.task_json(record))
 
     return handler
 
@@ -145,7 +140,7 @@ async def set_network(request: web.Request) -> web.Response:
     if not isinstance(connected, bool):
         raise BadRequest('body must be {"connected": true|false}')
     record = await daemon.tasks.set_network(request.match_info["result"], connected)
-    return web.json_response(_task_json(daemon, record))
+    return web.json_response(daemon.task_json(record))
 
 
 @routes.post("/v1/tasks/{result}/wait")
@@ -156,7 +151,7 @@ async def wait_task(request: web.Request) -> web.Response:
     except ValueError:
         raise BadRequest("timeout must be a number of seconds") from None
     record = await daemon.tasks.wait(request.match_info["result"], timeout)
-    return web.json_response(_task_json(daemon, record))
+    return web.json_response(daemon.task_json(record))
 
 
 @routes.delete("/v1/tasks/{result}")

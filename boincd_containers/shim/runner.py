@@ -369,24 +369,26 @@ class Runner:
         except (OSError, ValueError):
             return None
 
-    def _report(self) -> None:
+    def _status(self, other_pid: int) -> StatusReport:
+        """What the client is told: every report, the last and the withdrawal alike."""
         cpu = self._cpu_base() + float(self.task.get("cpu_time_s") or 0.0)
+        return StatusReport(
+            current_cpu_time=max(cpu, self.init.wu_cpu_time),
+            checkpoint_cpu_time=self.checkpoint_cpu,
+            fraction_done=self._fraction_done(),
+            other_pid=other_pid,
+            bytes_sent=float(self.task.get("tx_bytes") or 0),
+            bytes_received=float(self.task.get("rx_bytes") or 0),
+        )
+
+    def _report(self) -> None:
         mtime = self._checkpoint_mtime()
         if mtime is not None and mtime != self.checkpoint_mtime:
-            # The app rewrote its checkpoint file: that CPU time is now safe.
+            # The app rewrote its checkpoint file: the CPU time so far is now safe.
             self.checkpoint_mtime = mtime
-            self.checkpoint_cpu = cpu
+            self.checkpoint_cpu = self._cpu_base() + float(self.task.get("cpu_time_s") or 0.0)
         pid = int(self.task.get("pid") or 0)
-        self.channel.send_status(
-            StatusReport(
-                current_cpu_time=max(cpu, self.init.wu_cpu_time),
-                checkpoint_cpu_time=self.checkpoint_cpu,
-                fraction_done=self._fraction_done(),
-                other_pid=pid if pid > 0 else os.getpid(),
-                bytes_sent=float(self.task.get("tx_bytes") or 0),
-                bytes_received=float(self.task.get("rx_bytes") or 0),
-            )
-        )
+        self.channel.send_status(self._status(pid if pid > 0 else os.getpid()))
 
     def _final_status(self) -> None:
         """The last report, naming our own pid as other_pid, left in the channel.
@@ -399,26 +401,11 @@ class Runner:
         deadline = time.monotonic() + WITHDRAW_TIMEOUT_S
         while not self.channel.status_consumed() and time.monotonic() < deadline:
             time.sleep(0.02)
-        self.channel.send_status(
-            StatusReport(
-                current_cpu_time=self._cpu_base() + float(self.task.get("cpu_time_s") or 0.0),
-                checkpoint_cpu_time=self.checkpoint_cpu,
-                fraction_done=self._fraction_done(),
-                other_pid=os.getpid(),
-                bytes_sent=float(self.task.get("tx_bytes") or 0),
-                bytes_received=float(self.task.get("rx_bytes") or 0),
-            )
-        )
+        self.channel.send_status(self._status(os.getpid()))
 
     def _withdraw_other_pid(self) -> None:
         """Name our own pid as other_pid and wait until the client has read it."""
-        report = StatusReport(
-            current_cpu_time=self._cpu_base() + float(self.task.get("cpu_time_s") or 0.0),
-            checkpoint_cpu_time=self.checkpoint_cpu,
-            fraction_done=self._fraction_done(),
-            other_pid=os.getpid(),
-        )
-        if not self.channel.deliver_status(report, timeout_s=WITHDRAW_TIMEOUT_S):
+        if not self.channel.deliver_status(self._status(os.getpid()), WITHDRAW_TIMEOUT_S):
             # A client that is shutting down reads no status after <quit/>; the
             # daemon then tells its kill of the paused container from a real exit.
             say("the client did not read the last status (it is probably shutting down)")
