@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import DaemonProcess
+from tests.daemon_harness import DaemonProcess, docker
 from tests.podman_harness import (
     DOCKER,
     PodmanService,
@@ -89,3 +90,17 @@ def daemon(short_tmp: Path, engine: TestEngine, test_image: str) -> Iterator[Dae
     finally:
         process.kill()
         process.cleanup_engine_objects()
+
+
+@pytest.fixture
+def volume_image(short_tmp: Path, test_image: str) -> Iterator[str]:
+    """An image that declares a VOLUME: each container gets an anonymous volume."""
+    tag = f"boincd-test/volume:{uuid.uuid4().hex[:8]}"
+    context = short_tmp / "volume-image"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"FROM {test_image}\nVOLUME /scratch\n")
+    docker("build", "-q", "-t", tag, str(context))
+    try:
+        yield tag
+    finally:
+        docker("rmi", "-f", tag, check=False)

@@ -114,6 +114,19 @@ class DaemonProcess:
         finally:
             client.close()
 
+    def wait_task(self, result: str, states: set[str], timeout: float = 30) -> dict[str, Any]:
+        """Poll the task until its state is one of `states`; fail with the daemon's log."""
+        deadline = time.monotonic() + timeout
+        task: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            task = self.request("GET", f"/v1/tasks/{result}")
+            if task["state"] in states:
+                return task
+            time.sleep(0.05)
+        raise AssertionError(
+            f"task {result} stayed {task.get('state')}, wanted {states}\n{self.log()}"
+        )
+
     @property
     def instance_id(self) -> str:
         return (Path(self.state_dir) / "instance_id").read_text().strip()

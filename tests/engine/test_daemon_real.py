@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -42,24 +41,9 @@ def task_body(slot: Path, result: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def wait_state(
-    daemon: DaemonProcess, result: str, states: set[str], timeout: float = 30
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    task: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        task = daemon.request("GET", f"/v1/tasks/{result}")
-        if task["state"] in states:
-            return task
-        time.sleep(0.05)
-    raise AssertionError(
-        f"task {result} stayed {task.get('state')}, wanted {states}\n{daemon.log()}"
-    )
-
-
 def created(daemon: DaemonProcess, slot: Path, result: str, **extra: Any) -> dict[str, Any]:
     daemon.request("POST", "/v1/tasks", task_body(slot, result, **extra))
-    return wait_state(daemon, result, {"created", "failed", "waiting"})
+    return daemon.wait_task(result, {"created", "failed", "waiting"})
 
 
 def test_container_gets_limits_labels_mounts_and_user(

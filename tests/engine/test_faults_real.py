@@ -149,19 +149,6 @@ def check(daemon: DaemonProcess, shims: dict[str, Shim]) -> None:
 
 
 @pytest.fixture
-def volume_image(short_tmp: Path, test_image: str) -> Iterator[str]:
-    tag = f"boincd-test/faults-volume:{uuid.uuid4().hex[:8]}"
-    context = short_tmp / "ctx"
-    context.mkdir()
-    (context / "Dockerfile").write_text(f"FROM {test_image}\nVOLUME /scratch\n")
-    docker("build", "-q", "-t", tag, str(context))
-    try:
-        yield tag
-    finally:
-        docker("rmi", "-f", tag, check=False)
-
-
-@pytest.fixture
 def pull_refs(short_tmp: Path, test_image: str) -> Iterator[list[str]]:
     """Images only the local registry has: each task that uses one makes a real pull."""
     if not registry_available():

@@ -129,20 +129,6 @@ def gc_daemon(base: Path, **settings: float) -> DaemonProcess:
 
 
 @pytest.fixture
-def volume_image(short_tmp: Path, test_image: str) -> Iterator[str]:
-    """An image that declares a VOLUME: each container gets an anonymous volume."""
-    tag = f"boincd-test/gc-volume:{uuid.uuid4().hex[:8]}"
-    context = short_tmp / "ctx"
-    context.mkdir()
-    (context / "Dockerfile").write_text(f"FROM {test_image}\nVOLUME /scratch\n")
-    docker("build", "-q", "-t", tag, str(context))
-    try:
-        yield tag
-    finally:
-        docker("rmi", "-f", tag, check=False)
-
-
-@pytest.fixture
 def foreign(short_tmp: Path, test_image: str) -> Iterator[dict[str, str]]:
     """A volunteer's own objects, and objects of another daemon instance: all with
     everything that would make them garbage if they were ours."""

@@ -122,21 +122,6 @@ def task_body(slot: Path, result: str, command: str, **extra: Any) -> dict[str, 
     }
 
 
-def wait_task(
-    daemon: DaemonProcess, result: str, states: set[str], timeout: float = 60
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    task: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        task = daemon.request("GET", f"/v1/tasks/{result}")
-        if task["state"] in states:
-            return task
-        time.sleep(0.05)
-    raise AssertionError(
-        f"task {result} stayed {task.get('state')}, wanted {states}\n{daemon.log()}"
-    )
-
-
 def wait_for(condition: Any, what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -192,7 +177,7 @@ def test_task_lifecycle_pause_resume_exit_codes_and_remove(
     slot = make_slot(short_tmp, user, "slot")
     command = "echo started > /app/out; while [ ! -e /app/stop ]; do sleep 0.1; done; exit 7"
     rootless_daemon.request("POST", "/v1/tasks", task_body(slot, "rl_life", command))
-    task = wait_task(rootless_daemon, "rl_life", {"created", "failed"})
+    task = rootless_daemon.wait_task("rl_life", {"created", "failed"}, timeout=60)
     assert task["state"] == "created", task
     if CGROUP_V1:
         # What the engine could not do is said where the volunteer and project look.
@@ -232,7 +217,7 @@ def test_task_lifecycle_pause_resume_exit_codes_and_remove(
 
     ok_slot = make_slot(short_tmp, user, "slot_ok")
     rootless_daemon.request("POST", "/v1/tasks", task_body(ok_slot, "rl_ok", "exit 0"))
-    wait_task(rootless_daemon, "rl_ok", {"created", "failed"})
+    rootless_daemon.wait_task("rl_ok", {"created", "failed"}, timeout=60)
     rootless_daemon.request("POST", "/v1/tasks/rl_ok/start")
     done = rootless_daemon.request("POST", "/v1/tasks/rl_ok/wait?timeout=60")
     assert (done["state"], done["exit_code"]) == ("exited", 0)
@@ -253,11 +238,11 @@ def test_memory_bound_is_enforced_by_watching_when_the_engine_cannot(
     )
     body = task_body(slot, "rl_mem", command, memory_bytes=32 * 2**20)
     rootless_daemon.request("POST", "/v1/tasks", body)
-    task = wait_task(rootless_daemon, "rl_mem", {"created", "failed"})
+    task = rootless_daemon.wait_task("rl_mem", {"created", "failed"}, timeout=60)
     if not task["memory_watched"]:
         pytest.skip("this engine limits memory itself here (cgroup v2 with delegation)")
     rootless_daemon.request("POST", "/v1/tasks/rl_mem/start")
-    done = wait_task(rootless_daemon, "rl_mem", {"exited"})
+    done = rootless_daemon.wait_task("rl_mem", {"exited"}, timeout=60)
     assert done["exit_code"] == 137
     limit = done["limit_exceeded"]
     assert limit["kind"] == "memory"
