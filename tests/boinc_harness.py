@@ -47,8 +47,37 @@ from pathlib import Path
 from typing import TypeVar
 from xml.sax.saxutils import escape
 
-BOINC = Path("/usr/bin/boinc")
-BOINCCMD = Path("/usr/bin/boinccmd")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientBinaries:
+    """One BOINC client release: its ``boinc`` and ``boinccmd``."""
+
+    version: str  # e.g. "7.20.5", "8.2.15"
+    boinc: Path
+    boinccmd: Path
+
+    def available(self) -> bool:
+        return self.boinc.exists() and self.boinccmd.exists()
+
+    @property
+    def version_tuple(self) -> tuple[int, ...]:
+        return tuple(int(x) for x in self.version.split("."))
+
+
+# Debian's client (7.20.5 on Debian 12) and the newest release, built unmodified
+# (../shared/boinc-client-8.2.15/README.md). BOINCD_TEST_BOINC8_DIR overrides where
+# the latter is; CI lays shared/ beside the checkout.
+DEBIAN_CLIENT = ClientBinaries("7.20.5", Path("/usr/bin/boinc"), Path("/usr/bin/boinccmd"))
+_BOINC8_DIR = Path(
+    os.environ.get("BOINCD_TEST_BOINC8_DIR", str(REPO.parent / "shared" / "boinc-client-8.2.15"))
+)
+CLIENT_8_2 = ClientBinaries("8.2.15", _BOINC8_DIR / "boinc", _BOINC8_DIR / "boinccmd")
+CLIENTS = (DEBIAN_CLIENT, CLIENT_8_2)
+
+BOINC = DEBIAN_CLIENT.boinc
+BOINCCMD = DEBIAN_CLIENT.boinccmd
 
 GUI_RPC_PASSWORD = "boinc-harness"
 APP_NAME = "harness_app"
@@ -123,10 +152,10 @@ def escape_project_url(url: str) -> str:
     return out[:-1] if out.endswith("_") else out
 
 
-def client_platform() -> str:
+def client_platform(boinc: Path = BOINC) -> str:
     """The client's primary platform, e.g. ``x86_64-pc-linux-gnu``."""
     out = subprocess.run(
-        [str(BOINC), "--version"], capture_output=True, text=True, timeout=30, check=True
+        [str(boinc), "--version"], capture_output=True, text=True, timeout=30, check=True
     ).stdout.split()
     return out[1] if len(out) > 1 else "x86_64-pc-linux-gnu"
 
@@ -376,7 +405,9 @@ class BoincClient:
         unsigned_apps_ok: bool = True,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        binaries: ClientBinaries = DEBIAN_CLIENT,
     ) -> None:
+        self.binaries = binaries
         self.dir = Path(base_dir).resolve()
         self.app_main = Path(app_main)
         self.results = list(results)
@@ -487,7 +518,7 @@ class BoincClient:
 
     def _client_state_xml(self) -> str:
         now = time.time()
-        platform = client_platform()
+        platform = client_platform(self.binaries.boinc)
         upload_url = f"http://127.0.0.1:1/{self.project_name}_cgi/file_upload_handler"
         parts = [
             "<client_state>\n",
@@ -590,7 +621,7 @@ class BoincClient:
 
     def command(self) -> list[str]:
         cmd = [
-            str(BOINC),
+            str(self.binaries.boinc),
             "--dir",
             str(self.dir),
             "--skip_cpu_benchmarks",
@@ -731,7 +762,7 @@ class BoincClient:
         self, *args: str, check: bool = True, timeout: float = 30
     ) -> subprocess.CompletedProcess[str]:
         cmd = [
-            str(BOINCCMD),
+            str(self.binaries.boinccmd),
             "--host",
             f"127.0.0.1:{self.port}",
             "--passwd",
