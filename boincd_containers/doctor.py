@@ -14,15 +14,21 @@ import textwrap
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from boincd_containers.doctor_boinc import check_boinc, check_old_names
 from boincd_containers.doctor_checks import (
-    HOST_CHECKS,
     NEEDED_CONTROLLERS,
+    Check,
     Finding,
     Severity,
     check_access,
+    check_cgroups,
+    check_disk,
     check_engine,
+    check_gpu,
+    check_platform,
 )
 from boincd_containers.hostprobe import (
+    BoincClientFacts,
     CommandResult,
     EngineFacts,
     HostFacts,
@@ -46,6 +52,15 @@ __all__ = [
     "run_doctor",
 ]
 
+# Checks that need no engine; the installer runs these alone.
+HOST_CHECKS: tuple[Check, ...] = (
+    check_platform,
+    check_cgroups,
+    check_gpu,
+    check_disk,
+    check_boinc,
+)
+
 Runtime = Literal["native-docker", "rootless-podman", "wsl2", "vm-apps", "docker-desktop"]
 
 
@@ -59,6 +74,7 @@ class Recommendation:
 class DoctorReport:
     findings: tuple[Finding, ...]
     recommendation: Recommendation
+    boinc: BoincClientFacts | None = None
 
     @property
     def ok(self) -> bool:
@@ -73,6 +89,10 @@ class DoctorReport:
             "ok": self.ok,
             "findings": [asdict(f) for f in self.findings],
             "recommendation": asdict(self.recommendation),
+            # What was found of the local BOINC client, for scripts; None: no such probe.
+            "boinc_client": (
+                {**asdict(self.boinc), "version": self.boinc.version} if self.boinc else None
+            ),
         }
 
     def render_text(self, width: int = 88) -> str:
@@ -169,6 +189,7 @@ def run_doctor(probe: HostProbe, engine: EngineFacts | None) -> DoctorReport:
     if engine is not None:
         findings += check_engine(probe, host, engine)
         findings += check_access(probe, host, engine)
+        findings += check_old_names(probe, host, engine)
     for check in HOST_CHECKS:
         findings += check(probe, host, engine)
-    return DoctorReport(tuple(findings), recommend(probe, host, engine))
+    return DoctorReport(tuple(findings), recommend(probe, host, engine), host.boinc)
