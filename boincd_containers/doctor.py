@@ -14,7 +14,7 @@ import textwrap
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from boincd_containers.doctor_boinc import check_boinc, check_old_names
+from boincd_containers.doctor_boinc import check_boinc, check_old_names, old_name_containers
 from boincd_containers.doctor_checks import (
     NEEDED_CONTROLLERS,
     Check,
@@ -33,6 +33,7 @@ from boincd_containers.hostprobe import (
     EngineFacts,
     HostFacts,
     HostProbe,
+    LabelledContainer,
     Runner,
     gather,
     run_command,
@@ -75,6 +76,8 @@ class DoctorReport:
     findings: tuple[Finding, ...]
     recommendation: Recommendation
     boinc: BoincClientFacts | None = None
+    # Our containers still named boinc__…; None when they were not listed.
+    old_names: tuple[LabelledContainer, ...] | None = None
 
     @property
     def ok(self) -> bool:
@@ -92,6 +95,9 @@ class DoctorReport:
             # What was found of the local BOINC client, for scripts; None: no such probe.
             "boinc_client": (
                 {**asdict(self.boinc), "version": self.boinc.version} if self.boinc else None
+            ),
+            "old_name_containers": (
+                [asdict(c) for c in self.old_names] if self.old_names is not None else None
             ),
         }
 
@@ -192,4 +198,8 @@ def run_doctor(probe: HostProbe, engine: EngineFacts | None) -> DoctorReport:
         findings += check_old_names(probe, host, engine)
     for check in HOST_CHECKS:
         findings += check(probe, host, engine)
-    return DoctorReport(tuple(findings), recommend(probe, host, engine), host.boinc)
+    old_names = None
+    if engine is not None and engine.labelled is not None:
+        ours, theirs = old_name_containers(engine)
+        old_names = (*ours, *theirs)
+    return DoctorReport(tuple(findings), recommend(probe, host, engine), host.boinc, old_names)

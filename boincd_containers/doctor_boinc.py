@@ -224,15 +224,24 @@ def _cleanup(
     ]
 
 
+def old_name_containers(
+    engine: EngineFacts,
+) -> tuple[list[LabelledContainer], list[LabelledContainer]]:
+    """Labelled containers named boinc__…: this instance's (all, when its id is unknown),
+    and other instances'."""
+    old = [c for c in engine.labelled or () if c.name.startswith(OLD_NAME_PREFIX)]
+    mine = engine.instance_id
+    ours = [c for c in old if mine is None or c.owner == mine]
+    return ours, [c for c in old if c not in ours]
+
+
 def check_old_names(probe: HostProbe, host: HostFacts, engine: EngineFacts) -> list[Finding]:
     """Containers of ours still named boinc__…: an 8.2 client's start would remove them."""
     if engine.labelled is None:
         return []
-    old = [c for c in engine.labelled if c.name.lstrip("/").startswith(OLD_NAME_PREFIX)]
+    ours, theirs = old_name_containers(engine)
     mine = engine.instance_id
-    ours = [c for c in old if mine is None or c.owner == mine]
-    theirs = [c for c in old if c not in ours]
-    if not old:
+    if not ours and not theirs:
         return [
             Finding(
                 "containers.old_name",
@@ -277,7 +286,7 @@ def check_old_names(probe: HostProbe, host: HostFacts, engine: EngineFacts) -> l
                 f"{_listing(theirs)}. Their owner label ({', '.join(owners)}) is not this "
                 f"daemon's ({(mine or '')[:12]}): it neither adopts nor removes them.{risk}",
                 f"Start the daemon that owns them, or when their tasks are gone remove them: "
-                f"`{cli} rm -f {theirs[0].name.lstrip('/')}`.",
+                f"`{cli} rm -f {theirs[0].name}`.",
             )
         )
     return findings
@@ -285,7 +294,7 @@ def check_old_names(probe: HostProbe, host: HostFacts, engine: EngineFacts) -> l
 
 def _listing(containers: list[LabelledContainer]) -> str:
     shown = [
-        f"{c.name.lstrip('/')} ({c.state}"
+        f"{c.name} ({c.state}"
         + (f"; task {c.result} of {c.project}" if c.result and c.project else "")
         + ")"
         for c in containers[:MAX_LISTED]

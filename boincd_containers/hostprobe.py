@@ -45,7 +45,7 @@ class EngineFacts:
 
 @dataclass(frozen=True)
 class LabelledContainer:
-    name: str
+    name: str  # without the engine's leading "/"
     owner: str
     state: str
     project: str | None = None

@@ -477,9 +477,12 @@ def boinc_host(
     base = {"lib/systemd/system/boinc-client.service": SERVICE, "var/lib/boinc/.keep": ""}
     if version is not None:
         base["usr/bin/boinc"] = ""
-    cmds = {("/usr/bin/boinc", "--version"): f"{version} x86_64-pc-linux-gnu"} if version else {}
-    probe = make_probe(tmp_path, {**base, **(files or {})}, {**cmds, **(commands or {})})
-    probe.run.answers.pop(("boinc", "--version"))  # type: ignore[attr-defined]
+    cmds: dict[tuple[str, ...], str] = dict(commands or {})
+    if version:
+        cmds["/usr/bin/boinc", "--version"] = f"{version} x86_64-pc-linux-gnu"
+    probe = make_probe(tmp_path, {**base, **(files or {})}, cmds)
+    assert isinstance(probe.run, FakeRunner)
+    del probe.run.answers["boinc", "--version"]  # the healthy host's PATH client: not here
 
     def stat(path: Path) -> os.stat_result:
         if path != tmp_path / SOCKET.lstrip("/"):
@@ -492,7 +495,7 @@ def boinc_host(
     return probe
 
 
-IN_DOCKER_GROUP = {
+IN_DOCKER_GROUP: dict[tuple[str, ...], str] = {
     ("id", "-G", "boinc"): "1000 999",
     ("getent", "group", "999"): "docker:x:999:boinc",
 }
@@ -696,6 +699,11 @@ def test_old_name_containers_are_listed_and_at_risk_under_an_old_client(tmp_path
     theirs = by_id(report, "containers.old_name_other")
     assert "boinc__p.org_x__r_3 (exited" in theirs.detail
     assert "docker rm -f boinc__p.org_x__r_3" in theirs.fix
+    listed = report.to_json()["old_name_containers"]
+    assert [(c["name"], c["owner"]) for c in listed] == [
+        ("boinc__p.org_x__r_1", INSTANCE),
+        ("boinc__p.org_x__r_3", OTHER),
+    ]
     assert report.exit_code() == 0
 
 
@@ -722,4 +730,7 @@ def test_no_old_name_containers(tmp_path: Path) -> None:
     report = run_doctor(boinc_host(tmp_path, "8.2.7"), engine)
     assert by_id(report, "containers.old_name").severity == "ok"
     # Not listed at all (engine mute, or doctor without an engine): no claim either way.
-    assert "containers.old_name" not in ids(run_doctor(boinc_host(tmp_path, "8.2.7"), DOCKER))
+    unlisted = run_doctor(boinc_host(tmp_path, "8.2.7"), DOCKER)
+    assert "containers.old_name" not in ids(unlisted)
+    assert unlisted.to_json()["old_name_containers"] is None
+    assert report.to_json()["old_name_containers"] == []
