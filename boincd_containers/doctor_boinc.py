@@ -107,6 +107,20 @@ def boinc_reaches_engine(
     return False, f"{user} may not open {engine.socket}"
 
 
+def _reach(
+    probe: HostProbe,
+    boinc: BoincClientFacts,
+    clients: list[BoincClient],
+    engine: EngineFacts | None,
+) -> tuple[bool | None, str]:
+    # A client started by hand as root: its `docker` CLI reaches the rootful engine.
+    as_root = [c for c in clients if c.uid == 0]
+    if as_root and engine is not None and engine.reachable and not engine.rootless:
+        pid = as_root[0].source.removeprefix("running, ")
+        return True, f"the client {as_root[0].path} ({pid}) runs as root"
+    return boinc_reaches_engine(probe, boinc, engine)
+
+
 def check_boinc(probe: HostProbe, host: HostFacts, engine: EngineFacts | None) -> list[Finding]:
     boinc = host.boinc
     clients = _clients(boinc)
@@ -123,7 +137,8 @@ def check_boinc(probe: HostProbe, host: HostFacts, engine: EngineFacts | None) -
             )
         )
     else:
-        main, others = clients[0], clients[1:]
+        main = next((c for c in clients if c.version), clients[0])
+        others = [c for c in clients if c is not main]
         detail = f"Found {_describe(main)}."
         if others:
             detail += " Also: " + "; ".join(_describe(c) for c in others) + "."
@@ -160,7 +175,7 @@ def _cleanup(
     newer = [c for c, v in versions if v >= CLEANUP_SWITCH_FROM]
     if not stuck and not newer:
         return []
-    reach, why = boinc_reaches_engine(probe, boinc, engine)
+    reach, why = _reach(probe, boinc, stuck or newer, engine)
     can: dict[bool | None, str] = {
         True: f"It can use the engine boincd-containers uses ({why}).",
         False: f"It cannot use the engine boincd-containers uses ({why}).",
@@ -250,7 +265,7 @@ def check_old_names(probe: HostProbe, host: HostFacts, engine: EngineFacts) -> l
             )
         ]
     cleaning = [c for c in _clients(host.boinc) if _cleans_up(c)]
-    reach, _ = boinc_reaches_engine(probe, host.boinc, engine)
+    reach, _ = _reach(probe, host.boinc, cleaning, engine)
     at_risk = bool(cleaning) and reach is not False
     risk = (
         f" BOINC client {cleaning[0].version} here does so at its next start."

@@ -197,8 +197,18 @@ BOINC_UNITS = (
     "lib/systemd/system/boinc-client.service",
     "usr/lib/systemd/system/boinc-client.service",
 )
-BOINC_BINARIES = ("/usr/bin/boinc", "/usr/local/bin/boinc", "/opt/boinc/boinc")
-BOINC_DATA_DIRS = ("/var/lib/boinc-client", "/var/lib/boinc", "/opt/boinc")
+BOINC_BINARIES = (
+    "/usr/bin/boinc",
+    "/usr/local/bin/boinc",
+    "/opt/boinc/boinc",
+    "/Applications/BOINCManager.app/Contents/Resources/boinc",
+)
+BOINC_DATA_DIRS = (
+    "/var/lib/boinc-client",
+    "/var/lib/boinc",
+    "/opt/boinc",
+    "/Library/Application Support/BOINC Data",
+)
 BOINC_PROCESS_NAMES = ("boinc", "boinc_client")
 DOCKER_TYPES: dict[int, EngineKind] = {1: "docker", 2: "podman"}  # lib/common_defs.h
 
@@ -209,10 +219,11 @@ class BoincClient:
 
     path: str  # as run: absolute, or the bare name left to PATH
     version: str | None  # "8.2.15"; None when `--version` gave no answer
-    source: str  # where we found it: "running (pid 812)", "boinc-client.service", "PATH"
+    source: str  # where we found it: "running, pid 812", "boinc-client.service", "PATH"
     data_dir: str | None = None
     # On its command line, or in cc_config.xml of its data dir.
     allow_multiple_clients: bool = False
+    uid: int | None = None  # a running client's user: its cleanup acts as that user
 
 
 @dataclass(frozen=True)
@@ -253,6 +264,7 @@ class _Start:
     source: str
     argv: tuple[str, ...] = ()
     data_dir: str | None = None
+    uid: int | None = None
 
     @property
     def dir(self) -> str | None:
@@ -267,7 +279,7 @@ def _readlink(probe: HostProbe, rel: str) -> str | None:
         return None
 
 
-def _running(probe: HostProbe) -> list[tuple[int, _Start]]:
+def _running(probe: HostProbe) -> list[_Start]:
     try:
         entries = [e.name for e in probe.path("proc").iterdir() if e.name.isdigit()]
     except OSError:
@@ -280,9 +292,11 @@ def _running(probe: HostProbe) -> list[tuple[int, _Start]]:
         # exe and cwd are readable only as root or the client's user; argv[0] then.
         exe = _readlink(probe, f"proc/{pid}/exe")
         exe = exe or (argv[0] if argv[0].startswith("/") else None)
+        uid = re.search(r"^Uid:\s+(\d+)", probe.read(f"proc/{pid}/status") or "", re.M)
         if exe:
             cwd = _readlink(probe, f"proc/{pid}/cwd")
-            found.append((int(pid), _Start(exe, f"running (pid {pid})", argv, cwd)))
+            real_uid = int(uid.group(1)) if uid else None
+            found.append(_Start(exe, f"running, pid {pid}", argv, cwd, real_uid))
     return found
 
 
@@ -336,7 +350,7 @@ def boinc_client(probe: HostProbe) -> BoincClientFacts:
     """Every BOINC client program we can find, and what its data dir says."""
     running = _running(probe)
     service = _service(probe)
-    starts = [start for _, start in running]
+    starts = list(running)
     starts += [service] if service else []
     starts.append(_Start(_on_path(probe), "PATH"))
     starts += [_Start(p, "installed") for p in BOINC_BINARIES if probe.path(p).is_file()]
@@ -366,6 +380,7 @@ def boinc_client(probe: HostProbe) -> BoincClientFacts:
                 start.source,
                 where,
                 multiple or _xml_flag(cc_config, "allow_multiple_clients"),
+                start.uid,
             )
         )
     state = (probe.read(f"{data_dir}/client_state.xml") or "") if data_dir else ""

@@ -532,6 +532,10 @@ def test_running_client_comes_first_with_its_own_flags(tmp_path: Path) -> None:
             "proc/4242/comm": "boinc\n",
             "proc/4242/cmdline": "/opt/b/boinc\0--dir\0/srv/boinc\0--allow_multiple_clients\0",
             "proc/77/comm": "bash\n",
+            # Named boinc but no client: listed, never the headline.
+            "proc/12/comm": "boinc\n",
+            "proc/12/cmdline": "/tmp/boinc\0",
+            "tmp/boinc": "",
             "srv/boinc/.keep": "",
         },
         commands={("/opt/b/boinc", "--version"): "8.2.15 x86_64-pc-linux-gnu", **IN_DOCKER_GROUP},
@@ -539,8 +543,9 @@ def test_running_client_comes_first_with_its_own_flags(tmp_path: Path) -> None:
     report = run_doctor(probe, DOCKER)
     finding = by_id(report, "boinc.client")
     assert finding.title == "BOINC client 8.2.15"
-    assert "running (pid 4242), data dir /srv/boinc" in finding.detail
+    assert "running, pid 4242, data dir /srv/boinc" in finding.detail
     assert "7.20.5 at /usr/bin/boinc" in finding.detail
+    assert "(version unknown) at /tmp/boinc (running, pid 12" in finding.detail
     cleanup = by_id(report, "boinc.docker_cleanup")
     assert cleanup.severity == "info"
     assert "cleanup off (allow_multiple_clients)" in cleanup.title
@@ -594,6 +599,18 @@ def test_cleanup_by_client_version(tmp_path: Path, version: str, severity: str |
     else:
         assert "allow_multiple_clients` would turn it off" in finding.detail
     assert report.exit_code() == 0  # a warning, not a blocker
+
+
+def test_old_client_running_as_root_reaches_the_rootful_engine(tmp_path: Path) -> None:
+    files = {
+        "proc/900/comm": "boinc\n",
+        "proc/900/cmdline": "/usr/bin/boinc\0--dir\0/root/boinc\0",
+        "proc/900/status": "Name:\tboinc\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n",
+    }
+    report = run_doctor(boinc_host(tmp_path, "8.2.7", files=files), DOCKER)
+    finding = by_id(report, "boinc.docker_cleanup")
+    assert finding.severity == "warning"  # the boinc user itself may not open the socket
+    assert "the client /usr/bin/boinc (pid 900) runs as root" in finding.detail
 
 
 def test_old_client_that_cannot_reach_the_engine_is_only_info(tmp_path: Path) -> None:
