@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 
+from boincd_containers import labels as L
 from boincd_containers.doctor_checks import Finding
 from boincd_containers.hostprobe import (
     BoincClient,
@@ -27,8 +28,8 @@ from boincd_containers.hostprobe import (
     release_tuple,
 )
 
-OLD_NAME_PREFIX = "boinc__"  # our old task container names; 8.2 clients own this prefix
-NEW_NAME_PREFIX = "boincd__"
+OLD_NAME_PREFIX = L.LEGACY_NAME_PREFIX  # our old task container names; 8.2 clients own it
+NEW_NAME_PREFIX = L.NAME_PREFIX
 CLEANUP_FROM = (8, 2, 0)
 CLEANUP_SWITCH_FROM = (8, 2, 11)  # allow_multiple_clients turns the cleanup off from here
 MAX_LISTED = 10
