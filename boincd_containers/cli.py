@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     ):
         sub = verbs.add_parser(verb, help=text)
         sub.add_argument("--json", action="store_true", help="one JSON object on stdout")
+        # Also after the verb (`ctl status --socket X`), as people type it. SUPPRESS:
+        # when not given here, the value given before the verb (or None) stays.
+        sub.add_argument(
+            "--socket", default=argparse.SUPPRESS, help="daemon socket (BOINCD_SOCKET)"
+        )
         if verb == "gc":
             sub.add_argument("--dry-run", action="store_true", help="report, remove nothing")
 

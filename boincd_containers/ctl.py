@@ -22,6 +22,7 @@ EXIT_OK = 0
 EXIT_DAEMON_ERROR = 1  # the daemon answered, with an error
 EXIT_NOT_RUNNING = 3  # nothing answers on the socket
 EXIT_NO_PERMISSION = 4  # the socket is there, but this user may not open it
+EXIT_ENGINE_UNREACHABLE = 5  # `status`: the daemon answers, but has no container engine
 
 
 def human_bytes(n: float | None) -> str:
@@ -174,11 +175,7 @@ def _images_text(images: dict[str, Any], brief: bool = False) -> str:
         headers = ("IMAGE", "ID", "SIZE", "UNIQUE", "SHARED", "PROJECTS", "IN USE", "BROUGHT BY")
         parts.append(table(headers, rows))
     if others:
-        parts.append(
-            f"  and {len(others)} other image(s) no BOINC task uses "
-            f"({human_bytes(sum(i.get('unique_bytes') or 0 for i in others))} of their own);"
-            " `ctl images` lists them"
-        )
+        parts.append(_others_line(others, besides=bool(rows)))
     for op in images.get("in_progress") or []:
         waiting = f" ({op['tasks']} task(s) waiting)" if op.get("tasks") else ""
         parts.append(f"  {op.get('what')}: {op.get('progress') or 'starting'}{waiting}")
@@ -194,6 +191,17 @@ def _images_text(images: dict[str, Any], brief: bool = False) -> str:
             ),
         ]
     return "\n".join(parts)
+
+
+def _others_line(others: list[dict[str, Any]], besides: bool) -> str:
+    """`and 1 other image ...` under the table; without a table there is no "other"."""
+    n = len(others)
+    own = human_bytes(sum(i.get("unique_bytes") or 0 for i in others))
+    noun = "image" if n == 1 else "images"
+    lead = f"and {n} other {noun}" if besides else f"{n} {noun}"
+    whose = "its" if n == 1 else "their"
+    lists = "lists it" if n == 1 else "lists them"
+    return f"  {lead} no BOINC task uses ({own} of {whose} own); `ctl images` {lists}"
 
 
 def _volumes_text(volumes: dict[str, Any]) -> str:
@@ -334,8 +342,12 @@ def _socket_group(path: str) -> str | None:
         return None
 
 
-def _unreachable(exc: DaemonUnreachable, path: str) -> int:
-    """Say what is wrong and what to do; the exit status tells the two cases apart."""
+def _unreachable(exc: DaemonUnreachable, path: str, as_json: bool) -> int:
+    """Say what is wrong and what to do; the exit status tells the two cases apart.
+
+    With --json, stdout still gets its one object (`{"error": {...}}`), so a script
+    reading it never has to tell "no output" from "no daemon".
+    """
     if exc.permission_denied:
         group = _socket_group(path)
         how = (
@@ -345,18 +357,38 @@ def _unreachable(exc: DaemonUnreachable, path: str) -> int:
             else "run it as root, or set `socket_group` in the daemon's config so your "
             "group may use the socket"
         )
-        print(f"boincd-containers ctl: {exc}.\n  To use ctl, {how}.", file=sys.stderr)
-        return EXIT_NO_PERMISSION
-    print(
-        f"boincd-containers ctl: {exc}.\n"
-        "  Start the daemon (systemctl start boincd-containers, or boincd-containers serve),"
-        " or point ctl at its socket with --socket or BOINCD_SOCKET.",
-        file=sys.stderr,
-    )
-    return EXIT_NOT_RUNNING
+        code, status = "permission_denied", EXIT_NO_PERMISSION
+        text = f"boincd-containers ctl: {exc}.\n  To use ctl, {how}."
+    else:
+        code, status = "not_running", EXIT_NOT_RUNNING
+        text = (
+            f"boincd-containers ctl: {exc}.\n"
+            "  Start the daemon (the boincd-containers service, or boincd-containers serve),"
+            " or point ctl at its socket with --socket or BOINCD_SOCKET."
+        )
+    print(text, file=sys.stderr)
+    if as_json:
+        _print_json({"error": {"code": code, "message": str(exc), "socket": path}})
+    return status
 
 
-def run(args: argparse.Namespace) -> int:
+def _print_json(data: Any) -> None:
+    # One object, one line for scripts; indented for a person at a terminal.
+    # dumps, not dump: dump streams through the pure-Python encoder (4x slower).
+    sys.stdout.write(json.dumps(data, indent=2 if sys.stdout.isatty() else None))
+    sys.stdout.write("\n")
+
+
+def _exit_status(verb: str, data: Any) -> int:
+    """`status` fails when the daemon says it cannot reach the engine: nothing runs then."""
+    if verb == "status" and isinstance(data, dict):
+        engine = data.get("engine")
+        if isinstance(engine, dict) and not engine.get("reachable"):
+            return EXIT_ENGINE_UNREACHABLE
+    return EXIT_OK
+
+
+def _query(args: argparse.Namespace) -> int:
     if args.verb == "doctor":
         from .doctor_cli import run_doctor_command
 
@@ -366,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         data, text = _fetch(client, args.verb, args)
     except DaemonUnreachable as exc:
-        return _unreachable(exc, path)
+        return _unreachable(exc, path, args.json)
     except DaemonError as exc:
         if exc.status == 404 and exc.code == "not_found" and exc.message == "Not Found":
             # aiohttp's own 404: the route is missing, not a task.
@@ -375,14 +407,35 @@ def run(args: argparse.Namespace) -> int:
             hint = " (try again later)" if exc.retryable else ""
             message = f"{exc.message} [{exc.code}]{hint}"
         print(f"boincd-containers ctl: {message}", file=sys.stderr)
+        if args.json:
+            error = {"code": exc.code, "message": message, "retryable": exc.retryable}
+            _print_json({"error": error})
         return EXIT_DAEMON_ERROR
     finally:
         client.close()
     if args.json:
-        # One object, one line for scripts; indented for a person at a terminal.
-        # dumps, not dump: dump streams through the pure-Python encoder (4x slower).
-        sys.stdout.write(json.dumps(data, indent=2 if sys.stdout.isatty() else None))
-        sys.stdout.write("\n")
+        _print_json(data)
     else:
         print(text)
-    return EXIT_OK
+    status = _exit_status(args.verb, data)
+    if status == EXIT_ENGINE_UNREACHABLE:
+        print(
+            "boincd-containers ctl: the daemon cannot reach the container engine: "
+            "no task can start or run (see `boincd-containers ctl doctor`)",
+            file=sys.stderr,
+        )
+    return status
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        status = _query(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left (`ctl ... --json | head`): that is no error of ours. Point
+        # stdout at /dev/null so the interpreter's last flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OK
+    return status
