@@ -335,6 +335,9 @@ class _Installer:
                 return
         self.say(f"write {shown}")
         if self.dry_run:
+            # What would be written, in full: an admin reviews the unit and the config
+            # before letting a root service onto the host.
+            self.lines.append(f"--- {shown}\n{text.rstrip()}\n--- end of {shown}")
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".tmp")
@@ -426,7 +429,9 @@ def install(
 ) -> list[str]:
     """Install the service under ``root``; return one line per action, in order.
 
-    ``dry_run`` writes and runs nothing and says ``would ...`` instead. ``enable``
+    ``dry_run`` writes and runs nothing and says ``would ...`` instead, each file it
+    would write followed by its full text (between ``--- PATH`` and
+    ``--- end of PATH``). ``enable``
     also starts the service, only on the live root with a running service manager;
     otherwise the commands to do so come back as ``next: ...`` lines. Conflicts the
     doctor finds (WSL2 with VirtualBox, missing cgroup controllers...) come first as

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import plistlib
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -145,3 +147,66 @@ def test_default_exec_path_is_this_installation() -> None:
     path = inst.default_exec_path()
     assert path.endswith("boincd-containers")
     assert Path(path).is_absolute()
+
+
+def _shown(lines: list[str], path: str) -> str:
+    """The text a dry run shows for `path`, between its --- markers."""
+    block = next(line for line in lines if line.startswith(f"--- {path}\n"))
+    body = block.removeprefix(f"--- {path}\n")
+    assert body.endswith(f"\n--- end of {path}")
+    return body.removesuffix(f"\n--- end of {path}") + "\n"
+
+
+def test_dry_run_shows_the_unit_and_config_it_would_write(tmp_path: Path) -> None:
+    root = host_root(tmp_path)
+    lines = inst.install(True, root, system="Linux", exec_path=EXE, run=Recorder())
+    unit = _shown(lines, "/etc/systemd/system/boincd-containers.service")
+    config = _shown(lines, "/etc/boincd-containers/config.toml")
+    # Exactly what a real run writes.
+    real = host_root(tmp_path / "real")
+    inst.install(False, real, system="Linux", exec_path=EXE, run=Recorder())
+    assert unit == (real / "etc/systemd/system/boincd-containers.service").read_text()
+    assert config == (real / "etc/boincd-containers/config.toml").read_text()
+    assert f"ExecStart={EXE} serve" in unit
+    # Each file right after the action that names it.
+    i = lines.index("would write /etc/systemd/system/boincd-containers.service")
+    assert lines[i + 1].startswith("--- /etc/systemd/system/boincd-containers.service\n")
+
+
+def test_dry_run_shows_the_rootless_drop_in_and_the_plist(tmp_path: Path) -> None:
+    root = host_root(tmp_path)
+    lines = inst.install(True, root, system="Linux", rootless=True, exec_path=EXE, run=Recorder())
+    drop_in = "/etc/systemd/system/boincd-containers-rootless.service.d/10-podman-socket.conf"
+    assert "DOCKER_HOST=unix:///run/user/121/podman/podman.sock" in _shown(lines, drop_in)
+    mac = tmp_path / "mac"
+    mac.mkdir()
+    lines = inst.install(True, mac, system="Darwin", exec_path=EXE, run=Recorder())
+    plist = plistlib.loads(_shown(lines, "/" + inst.PLIST).encode())
+    assert plist["ProgramArguments"] == [EXE, "serve"]
+
+
+def test_dry_run_does_not_show_a_kept_config(tmp_path: Path) -> None:
+    root = host_root(tmp_path)
+    (root / "etc/boincd-containers").mkdir(parents=True)
+    (root / "etc/boincd-containers/config.toml").write_text('socket_group = "volunteers"\n')
+    lines = inst.install(True, root, system="Linux", exec_path=EXE, run=Recorder())
+    assert "keep /etc/boincd-containers/config.toml (exists; never overwritten)" in lines
+    assert not any(line.startswith("--- /etc/boincd-containers/config.toml") for line in lines)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the systemd unit is Linux's")
+def test_install_dry_run_from_the_command_line_prints_the_unit() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "boincd_containers", "install", "--dry-run"],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    if "--- /etc/systemd/system/boincd-containers.service\n" not in done.stdout:
+        # This host already has the unit as it would be written.
+        assert "unchanged /etc/systemd/system/boincd-containers.service" in done.stdout
+    else:
+        assert "\n[Service]\n" in done.stdout
