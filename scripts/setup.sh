@@ -23,12 +23,28 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+# The venv comes from the system Python (Debian's python3 and python3-venv), never
+# from whatever python3 is first on PATH: a root-only pyenv there once made a venv
+# that the BOINC user and the service could not run. A venv made otherwise is made
+# again.
+system_python=/usr/bin/python3
+if [ ! -x .venv/bin/python ] || ! grep -qx 'home = /usr/bin' .venv/pyvenv.cfg 2>/dev/null; then
+  echo "setup: creating .venv from $system_python"
+  rm -rf .venv
+  "$system_python" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import boincd_containers, aiodocker, pytest_asyncio' 2>/dev/null; then
+# The daemon needs its own dependencies only; the test extras (pytest, mypy, ruff)
+# are for `--test`. (`python -c` imports boincd_containers from the checkout itself,
+# so the console script tells whether the package is installed.)
+spec=.
+needs='import aiodocker, aiohttp, psutil, structlog'
+if [ "$want_tests" = "--test" ]; then
+  spec='.[test]'
+  needs="$needs, pytest_asyncio, mypy, ruff"
+fi
+if [ ! -x .venv/bin/boincd-containers ] || ! .venv/bin/python -c "$needs" 2>/dev/null; then
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[test]'
+  .venv/bin/pip install -q -e "$spec"
 fi
 
 # dockerd: use a running one, else start it (no systemd on CI machines).

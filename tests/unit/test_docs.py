@@ -167,3 +167,18 @@ def test_volunteers_md_explains_every_doctor_finding() -> None:
     assert len(ids) > 10
     rows = set(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \|", VOLUNTEERS.read_text(), re.MULTILINE))
     assert ids <= rows, f"volunteers.md lacks doctor findings {sorted(ids - rows)}"
+
+
+def test_the_daemon_setup_uses_the_system_python_and_no_test_extras() -> None:
+    """README's first command: scripts/run-daemon.sh sets up without test tools, from
+    /usr/bin/python3 (a root-only pyenv first on PATH made a venv others could not run)."""
+    run_daemon = (REPO / "scripts/run-daemon.sh").read_text()
+    assert "scripts/setup.sh\n" in run_daemon, "run-daemon.sh must not ask setup.sh for --test"
+    setup = (REPO / "scripts/setup.sh").read_text()
+    assert "system_python=/usr/bin/python3" in setup
+    assert '"$system_python" -m venv .venv' in setup
+    assert not re.search(r"^\s*python3 -m venv", setup, re.MULTILINE)
+    extras = setup.index("spec='.[test]'")
+    branch = setup.rindex('if [ "$want_tests" = "--test" ]; then', 0, extras)
+    assert "fi" not in setup[branch:extras], "the test extras must be installed only for --test"
+    assert "spec=.\n" in setup
