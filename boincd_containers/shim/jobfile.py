@@ -192,7 +192,9 @@ class _Checker:
         self.file = file
         self.slot = _resolve_dir("slot directory", slot_dir)
         self.project = (
-            _resolve_dir("project directory", project_dir) if project_dir is not None else None
+            _resolve_dir("project directory (<project_dir> of init_data.xml)", project_dir)
+            if project_dir is not None
+            else None
         )
 
     def fail(self, key: str, problem: str) -> JobError:

@@ -417,7 +417,7 @@ def test_deep_nesting_is_refused_not_a_recursion_error(dirs: Dirs, value: str) -
 
 
 def test_long_dotted_key_is_refused_before_tomllib(dirs: Dirs) -> None:
-    # tomllib checks every prefix of a dotted key: 20,000 parts took gigabytes.
+    # tomllib checks every prefix of a dotted key: 20,000 parts took 1.6 GB and 22 s.
     message = dirs.error('image = "debian:12"\n' + "a" + ".a" * 20_000 + " = 1\n")
     assert message.startswith("job.toml: a key with more than 32 dotted parts (line 2)")
     message = dirs.error("[" + "t." * 40 + "t]\n")
@@ -458,5 +458,8 @@ def test_nul_in_a_mount_string_is_a_clear_message(dirs: Dirs) -> None:
 def test_a_project_dir_in_a_symlink_loop_is_a_clear_message(dirs: Dirs) -> None:
     (dirs.slot / "job.toml").write_text('image = "debian:12"\n')
     (dirs.slot / "loop").symlink_to("loop")
-    with pytest.raises(JobError, match=r"the project directory .*loop' cannot be resolved"):
+    with pytest.raises(
+        JobError,
+        match=r"the project directory \(<project_dir> of init_data\.xml\) .*loop' cannot be",
+    ):
         load_job(dirs.slot, dirs.slot / "loop")
