@@ -22,8 +22,8 @@ from .boinc_api import (
     write_temporary_exit_file,
 )
 from .client import DaemonClient, DaemonError
-from .initdata import InitDataError, load_init_data
-from .jobfile import JobError, load_job
+from .initdata import INIT_DATA_FILE, InitDataError, load_init_data
+from .jobfile import JOB_FILE, JobError, load_job
 from .runner import Runner, TaskFailed, say
 
 
@@ -48,16 +48,32 @@ def _acquire(lock: SlotLock) -> bool:
             time.sleep(0.2)
 
 
+def _internal_error(file: str, exc: Exception) -> str:
+    """A bug met while reading a slot file: one line to report, not a traceback."""
+    import traceback
+
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    where = f"{Path(frame.filename).name}:{frame.lineno}"
+    return (
+        f"cannot use {file}: internal error ({type(exc).__name__} at {where}: {exc}); "
+        "please report it"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     slot = Path.cwd()
     try:
         init = load_init_data(slot)
     except InitDataError as exc:
         return _fail(slot, EXIT_INIT_FAILURE, str(exc))
+    except Exception as exc:  # whatever the file holds, the task fails with a message
+        return _fail(slot, EXIT_INIT_FAILURE, _internal_error(INIT_DATA_FILE, exc))
     try:
         job = load_job(slot, init.project_dir or None)
     except JobError as exc:
         return _fail(slot, EXIT_INIT_FAILURE, str(exc))
+    except Exception as exc:
+        return _fail(slot, EXIT_INIT_FAILURE, _internal_error(JOB_FILE, exc))
     lock = SlotLock(slot)
     if not _acquire(lock):
         say("another instance still runs in this slot: temporary exit")

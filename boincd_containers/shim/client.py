@@ -15,6 +15,12 @@ from typing import Any, BinaryIO
 
 DEFAULT_SOCKET = "/run/boincd-containers/boincd.sock"
 _MAX_HEADER_LINES = 100
+# What may stand as itself in a request target (RFC 3986 unreserved, sub-delims,
+# ':', '@', and '/' and '?' as the separators they are in the caller's URL).
+_TARGET_SAFE = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/?"
+)
+_HEX = "0123456789ABCDEF"
 
 
 def socket_path() -> str:
@@ -42,6 +48,20 @@ class DaemonError(Exception):
 
 class ProtocolError(OSError):
     """The peer's answer is not the HTTP we expect (or the connection dropped)."""
+
+
+def request_target(url: str) -> str:
+    """``url`` as an HTTP request target: every other byte percent-encoded, as UTF-8.
+
+    The URL is raw text (callers format names into it as they are): a result
+    name with a space, a '%', a '#' or a non-ASCII letter reaches the daemon as
+    that name, and nothing in it can break the request line. A '/' or '?' in a
+    name would still read as a separator; the shim refuses such names.
+    """
+    data = url.encode("utf-8", errors="surrogatepass")
+    if all(b in _TARGET_SAFE for b in data):
+        return url
+    return "".join(chr(b) if b in _TARGET_SAFE else f"%{_HEX[b >> 4]}{_HEX[b & 15]}" for b in data)
 
 
 def _read_response(reader: BinaryIO) -> tuple[int, dict[str, str], bytes, bool]:
@@ -111,7 +131,10 @@ class DaemonClient:
     def request(self, method: str, url: str, body: Any = None, timeout: float | None = None) -> Any:
         """One JSON request; reconnects once on a dropped keep-alive connection."""
         payload = b"" if body is None else json.dumps(body).encode()
-        head = f"{method} {url} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(payload)}\r\n"
+        head = (
+            f"{method} {request_target(url)} HTTP/1.1\r\n"
+            f"Host: localhost\r\nContent-Length: {len(payload)}\r\n"
+        )
         if body is not None:
             head += "Content-Type: application/json\r\n"
         message = (head + "\r\n").encode("latin-1") + payload
@@ -141,9 +164,14 @@ class DaemonClient:
         if not keep:
             self.close()
         content_type = headers.get("content-type", "")
-        data: Any = json.loads(raw) if "json" in content_type and raw else raw.decode()
+        try:
+            data: Any = json.loads(raw) if "json" in content_type and raw else raw.decode("utf-8")
+        except ValueError as exc:  # JSON or UTF-8 that does not decode
+            raise DaemonUnreachable(f"unreadable answer from {self.path}: {exc}") from None
         if status >= 400:
             error = data.get("error", {}) if isinstance(data, dict) else {}
+            if not isinstance(error, dict):
+                error = {"message": str(error)}
             raise DaemonError(
                 status,
                 str(error.get("code", "http_error")),

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import html
 import math
+import pyexpat
 import re
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import NamedTuple
+
+from .slotfiles import INIT_DATA_MAX_BYTES, read_slot_file
 
 INIT_DATA_FILE = "init_data.xml"
 
@@ -86,20 +88,69 @@ _FLOATS: dict[str, float] = {
     "fraction_done_end": 1.0,
 }
 _WANTED = frozenset((*_STRINGS, *_INTS, *_FLOATS))
-# Blocks whose children may reuse our tag names; the fallback scanner cuts them out.
-_NESTED_BLOCKS = ("project_preferences", "global_preferences", "host_info", "proxy_info")
+# Blocks whose children may reuse our tag names; the fallback scanner skips them.
+_NESTED_BLOCKS = frozenset(("project_preferences", "global_preferences", "host_info", "proxy_info"))
+_TAG = re.compile(r"<([A-Za-z_][A-Za-z0-9_.-]*)")
+# BOINC's result names are printable ASCII (the scheduler's database column is
+# varchar(254)); the name also goes into the daemon's URLs, where '/' and '?'
+# would change what is addressed.
+RESULT_NAME_MAX = 254
+_RESULT_NAME_RE = re.compile(r"[\x20-\x7e]+")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _scan_elementtree(text: str) -> dict[str, str]:
-    root = ET.fromstring(text)
-    if root.tag != "app_init_data":
-        raise InitDataError(
-            f"{INIT_DATA_FILE}: the root element is <{root.tag}>, expected <app_init_data>"
-        )
+class _NotPlain(Exception):
+    """The file declares a DTD: the client never writes one; read it as BOINC does."""
+
+
+def _scan_expat(text: str) -> dict[str, str]:
+    """The text of the first of each wanted child of <app_init_data>, in one pass.
+
+    Expat streams: no tree is built, so the whole parse is linear in the file
+    and a deep or wide <host_info> costs nothing but the scan.
+    """
+    parser = pyexpat.ParserCreate()
     found: dict[str, str] = {}
-    for child in root:
-        if child.tag in _WANTED and child.tag not in found:
-            found[child.tag] = (child.text or "").strip()
+    depth = 0
+    current: str | None = None  # the wanted child whose leading text we collect
+    parts: list[str] = []
+
+    def start(tag: str, _attrs: object) -> None:
+        nonlocal depth, current
+        depth += 1
+        if depth == 1:
+            if tag != "app_init_data":
+                raise InitDataError(
+                    f"{INIT_DATA_FILE}: the root element is <{tag}>, expected <app_init_data>"
+                )
+        elif depth == 2 and tag in _WANTED and tag not in found:
+            current = tag
+            parts.clear()
+        elif depth == 3 and current is not None:
+            # Like ElementTree's .text: only the text before the first child.
+            found[current] = "".join(parts).strip()
+            current = None
+
+    def end(tag: str) -> None:
+        nonlocal depth, current
+        if depth == 2 and current == tag:
+            found[tag] = "".join(parts).strip()
+            current = None
+        depth -= 1
+
+    def chars(data: str) -> None:
+        if current is not None and depth == 2:
+            parts.append(data)
+
+    def doctype(*_args: object) -> None:
+        raise _NotPlain
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = chars
+    parser.StartDoctypeDeclHandler = doctype
+    parser.EntityDeclHandler = doctype
+    parser.Parse(text, True)
     return found
 
 
@@ -109,20 +160,39 @@ def _scan_lenient(text: str) -> dict[str, str]:
     The client writes some strings (project_dir, app_name, host_info fields)
     without escaping, so an ``&`` in a path breaks a strict parser while the
     BOINC runtime, which scans tags, still reads the file.
+
+    One pass over the tags: each tag name is looked for past its opening at
+    most once, and a block that is skipped moves the scan past its end, so the
+    work is linear in the file whatever it holds.
     """
     # parse_init_data_file fails without the end tag too: the file was cut short.
     if "<app_init_data>" not in text or "</app_init_data>" not in text:
         raise InitDataError(
             f"{INIT_DATA_FILE}: no complete <app_init_data> element; is the file truncated?"
         )
-    for block in _NESTED_BLOCKS:
-        text = re.sub(rf"<{block}\b.*?</{block}>", "", text, flags=re.DOTALL)
     found: dict[str, str] = {}
-    for tag in _WANTED:
-        m = re.search(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL)
-        if m:
-            found[tag] = html.unescape(m.group(1)).strip()
-    return found
+    unclosed: set[str] = set()  # no end tag after this point: none after any later one either
+    pos = 0
+    while True:
+        m = _TAG.search(text, pos)
+        if m is None:
+            return found
+        tag = m.group(1)
+        pos = m.end()
+        if tag in unclosed:
+            continue
+        if tag in _NESTED_BLOCKS:
+            close = text.find(f"</{tag}>", pos)
+            if close < 0:
+                unclosed.add(tag)
+            else:
+                pos = close + len(tag) + 3
+        elif tag in _WANTED and tag not in found and text.startswith(">", pos):
+            close = text.find(f"</{tag}>", pos + 1)
+            if close < 0:
+                unclosed.add(tag)
+            else:
+                found[tag] = html.unescape(text[pos + 1 : close]).strip()
 
 
 def _number(tag: str, raw: str, kind: type[int] | type[float]) -> float:
@@ -136,11 +206,24 @@ def _number(tag: str, raw: str, kind: type[int] | type[float]) -> float:
     return value
 
 
+def _check_result_name(name: str) -> None:
+    if len(name) > RESULT_NAME_MAX:
+        raise InitDataError(
+            f"{INIT_DATA_FILE}: <result_name> is {len(name)} characters long; "
+            f"BOINC's result names have at most {RESULT_NAME_MAX}"
+        )
+    if not _RESULT_NAME_RE.fullmatch(name) or "/" in name or "?" in name:
+        raise InitDataError(
+            f"{INIT_DATA_FILE}: <result_name> {name!a} has a character the shim cannot "
+            "use: BOINC's result names are printable ASCII, without '/' or '?'"
+        )
+
+
 def parse_init_data(text: str) -> InitData:
     """Parse the text of an init_data.xml."""
     try:
-        found = _scan_elementtree(text)
-    except ET.ParseError:
+        found = _scan_expat(text)
+    except (pyexpat.ExpatError, _NotPlain):
         found = _scan_lenient(text)
 
     def string(tag: str) -> str:
@@ -160,8 +243,12 @@ def parse_init_data(text: str) -> InitData:
             f"{INIT_DATA_FILE}: <result_name> is missing or empty; "
             "the shim must be started by the BOINC client in a task's slot directory"
         )
+    _check_result_name(string("result_name"))
     if not string("project_dir"):
         raise InitDataError(f"{INIT_DATA_FILE}: <project_dir> is missing or empty")
+    for tag in ("project_dir", "boinc_dir"):
+        if _CONTROL_RE.search(string(tag)):
+            raise InitDataError(f"{INIT_DATA_FILE}: <{tag}> contains a control character")
     checkpoint_period = real("checkpoint_period")
     return InitData(
         result_name=string("result_name"),
@@ -196,14 +283,14 @@ def load_init_data(slot_dir: str | Path) -> InitData:
     """Read ``init_data.xml`` from the slot directory."""
     path = Path(slot_dir) / INIT_DATA_FILE
     try:
-        raw = path.read_bytes()
+        raw = read_slot_file(path, INIT_DATA_MAX_BYTES, name=INIT_DATA_FILE)
     except FileNotFoundError:
         raise InitDataError(
             f"no {INIT_DATA_FILE} in {Path(slot_dir)}: the shim must be started by the "
             "BOINC client, which writes this file into the task's slot directory"
         ) from None
-    except OSError as exc:
-        raise InitDataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except OSError as exc:  # read_slot_file's message names the file and the problem
+        raise InitDataError(str(exc)) from None
     if not raw.strip():
         raise InitDataError(f"{path} is empty")
     return parse_init_data(raw.decode("utf-8", errors="replace"))

@@ -20,9 +20,18 @@ import tomllib
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+from .slotfiles import JOB_FILE_MAX_BYTES, SMALL_FILE_MAX_BYTES, read_slot_file
+
 JOB_FILE = "job.toml"
 DOCKERFILE = "Dockerfile"
-_SOFT_LINK_MAX_BYTES = 4096
+_SOFT_LINK_MAX_BYTES = SMALL_FILE_MAX_BYTES
+# Arrays and inline tables in one another; a job uses two or three.
+MAX_NESTING = 32
+_TOML_SPECIAL = re.compile(r"[\[\]{}#\"'\n,=]")
+# Bodies of basic strings: escapes skipped, so an escaped quote does not end them.
+_BASIC_BODY = re.compile(r'(?:[^"\\\n]+|\\.)*')
+_LITERAL_BODY = re.compile(r"[^'\n]*")
+_ML_BASIC_BODY = re.compile(r'(?:[^"\\]+|\\.|"(?!""))*', re.DOTALL)
 
 ImageSource = Literal["load", "pull", "build"]
 
@@ -155,26 +164,38 @@ def resolve_soft_link(path: Path) -> Path:
 
     The client puts these in the slot instead of input files that are not
     copied (client/file_names.cpp make_soft_link); the target is relative to
-    the slot. Anything else is returned unchanged.
+    the slot. Anything else (a larger file, a directory, a FIFO) is returned
+    unchanged, without reading more than a soft link's size of it.
     """
     try:
-        if not path.is_file() or path.stat().st_size > _SOFT_LINK_MAX_BYTES:
-            return path
-        head = path.read_bytes()
+        head = read_slot_file(path, _SOFT_LINK_MAX_BYTES)
     except OSError:
         return path
     m = re.match(rb"\s*<soft_link>(.*?)</soft_link>", head, flags=re.DOTALL)
     if not m:
         return path
     target = m.group(1).decode("utf-8", errors="replace").strip()
+    if not target or "\0" in target:
+        return path
     return path.parent / target
+
+
+def _resolve_dir(what: str, path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL
+        raise JobError(f"the {what} {str(path)!r} cannot be resolved: {exc}") from None
 
 
 class _Checker:
     def __init__(self, file: str, slot_dir: Path, project_dir: Path | None) -> None:
         self.file = file
-        self.slot = slot_dir.resolve()
-        self.project = project_dir.resolve() if project_dir is not None else None
+        self.slot = _resolve_dir("slot directory", slot_dir)
+        self.project = (
+            _resolve_dir("project directory (<project_dir> of init_data.xml)", project_dir)
+            if project_dir is not None
+            else None
+        )
 
     def fail(self, key: str, problem: str) -> JobError:
         return JobError(f"{self.file}: {key}: {problem}")
@@ -236,7 +257,7 @@ class _Checker:
             real = candidate.resolve(strict=True)
         except FileNotFoundError:
             raise self.fail(key, f"{text!r} does not exist in the slot directory") from None
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, ValueError) as exc:
             raise self.fail(key, f"{text!r} cannot be resolved: {exc}") from None
         if self.root_of(real) is None:
             raise self.fail(key, f"{text!r} leads to {real}, outside {self.where()}")
@@ -250,7 +271,7 @@ def _mounts(chk: _Checker, value: object) -> tuple[Mount, ...]:
     for i, item in enumerate(value):
         key = f"mount[{i}]"
         if isinstance(item, str):
-            parts = item.split(":")
+            parts = chk.string(key, item).split(":")
             if len(parts) not in (2, 3):
                 raise chk.fail(
                     key, f"{item!r} must look like 'SOURCE:TARGET' or 'SOURCE:TARGET:ro'"
@@ -493,24 +514,108 @@ def parse_job(
     )
 
 
+def check_nesting(text: str, *, name: str = JOB_FILE, limit: int = MAX_NESTING) -> None:
+    """Refuse TOML nested deeper than ``limit``, before tomllib sees it.
+
+    tomllib parses arrays and inline tables by recursion, so a deep file ends
+    in a RecursionError; and it checks every prefix of a dotted key
+    (``a.b.c = 1``), so a long one takes memory and time quadratic in its
+    parts (8,000 parts: 265 MB). One pass, no recursion, strings and comments
+    skipped: brackets and braces are counted (table headers too, a ``[[x]]``
+    is two: the bound only needs to be above anything a job uses), and dots
+    between two separators (a newline, ``,``, ``=``, a bracket or a brace),
+    which only a dotted key has more than one of. An unterminated string
+    stops the scan: tomllib fails there too.
+    """
+    depth = 0
+    dots = 0  # in the current key (or value) since the last separator
+    pos = 0
+    end = len(text)
+    while True:
+        m = _TOML_SPECIAL.search(text, pos)
+        stop = end if m is None else m.start()
+        dots += text.count(".", pos, stop)
+        if dots > limit:
+            raise JobError(
+                f"{name}: a key with more than {limit} dotted parts "
+                f"(line {text.count(chr(10), 0, stop) + 1}); a job's keys have one or two"
+            )
+        if m is None:
+            return
+        c = m.group()
+        pos = stop + 1
+        if c in "[{":
+            depth += 1
+            dots = 0
+            if depth > limit:
+                raise JobError(
+                    f"{name}: arrays or inline tables nested more than {limit} levels deep "
+                    f"(line {text.count(chr(10), 0, stop) + 1}); a job needs only a few"
+                )
+        elif c in "]}":
+            depth = max(0, depth - 1)
+            dots = 0
+        elif c in "\n,=":
+            dots = 0
+        elif c == "#":
+            nl = text.find("\n", stop)
+            pos = end if nl < 0 else nl  # the newline ends the key too
+        else:
+            closed = _skip_string(text, stop, c)
+            if closed is None:
+                return
+            pos = closed
+
+
+def _skip_string(text: str, at: int, quote: str) -> int | None:
+    """Where the TOML string starting at ``at`` ends, or None if it never does."""
+    if text.startswith(quote * 3, at):
+        if quote == '"':
+            m = _ML_BASIC_BODY.match(text, at + 3)
+            assert m is not None  # the pattern matches the empty string
+            close = m.end()
+        else:
+            close = text.find("'''", at + 3)
+        if close < 0 or not text.startswith(quote * 3, close):
+            return None
+        # Up to two quotes may end the content right before the delimiter.
+        run = close + 3
+        while run < len(text) and text[run] == quote and run - close < 5:
+            run += 1
+        return run
+    # A one-line string: the body pattern stops at its quote or at the line's end.
+    m = (_BASIC_BODY if quote == '"' else _LITERAL_BODY).match(text, at + 1)
+    assert m is not None
+    close = m.end()
+    if close >= len(text) or text[close] != quote:
+        return None
+    return close + 1
+
+
 def load_job(
     slot_dir: str | Path, project_dir: str | Path | None = None, *, name: str = JOB_FILE
 ) -> JobSpec:
     """Read ``job.toml`` (or a soft link to it) from the slot and check it."""
     path = resolve_soft_link(Path(slot_dir) / name)
     try:
-        raw = path.read_bytes()
+        raw = read_slot_file(path, JOB_FILE_MAX_BYTES, name=name)
     except FileNotFoundError:
         raise JobError(
             f"no {name} in the slot directory {Path(slot_dir)}: the app version or workunit "
             f"must provide {name}, naming at least the image to run"
         ) from None
-    except OSError as exc:
-        raise JobError(f"cannot read {name}: {exc.strerror or exc}") from None
+    except OSError as exc:  # read_slot_file's message names the file and the problem
+        raise JobError(str(exc)) from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise JobError(f"{name} is not UTF-8 text") from None
+    check_nesting(text, name=name)
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise JobError(f"{name} is not valid TOML: {exc}") from None
+    except RecursionError:
+        # Only if the count above missed a way of nesting: still a clear no.
+        raise JobError(f"{name}: values nested too deeply to parse") from None
     return parse_job(data, slot_dir, project_dir, file=name)

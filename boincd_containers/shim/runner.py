@@ -392,18 +392,22 @@ class Runner:
             return self.init.wu_cpu_time
 
     def _checkpoint_mtime(self) -> float | None:
+        from .slotfiles import regular_file_mtime
+
         if not self.job.checkpoint_filename:
             return None
-        try:
-            return (self.slot / self.job.checkpoint_filename).stat().st_mtime
-        except OSError:
-            return None
+        # Only a regular file counts: a FIFO or a device is not a checkpoint.
+        return regular_file_mtime(self.slot / self.job.checkpoint_filename)
 
     def _fraction_done(self) -> float | None:
+        from .slotfiles import read_fraction_done
+
+        name = self.job.fraction_done_filename
         try:
-            text = (self.slot / self.job.fraction_done_filename).read_text().split()
-            return min(max(float(text[0]), 0.0), 1.0) if text else None
-        except (OSError, ValueError):
+            return read_fraction_done(self.slot / name, name=name)
+        except OSError as exc:
+            # A FIFO, a device or a huge file is never read: say so once.
+            self._say_once("fraction_done", f"fraction done not read: {exc}")
             return None
 
     def _status(self, *, withdraw: bool = False) -> StatusReport:

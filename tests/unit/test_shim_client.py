@@ -119,3 +119,50 @@ def test_no_daemon_is_said_clearly(sock_path: Path) -> None:
     with pytest.raises(DaemonUnreachable, match="not running") as missing:
         DaemonClient(str(sock_path), timeout=2).request("GET", "/v1/status")
     assert missing.value.permission_denied is False
+
+
+def _sent(sock_path: Path, url: str, answer: bytes | None = None) -> bytes:
+    server = Scripted(sock_path, [[answer or json_answer(b"{}")]])
+    client = DaemonClient(str(sock_path), timeout=5)
+    try:
+        client.request("GET", url)
+    finally:
+        client.close()
+        server.close()
+        sock_path.unlink()
+    return server.requests[0].split(b"\r\n", 1)[0]
+
+
+def test_a_non_ascii_result_name_is_percent_encoded(sock_path: Path) -> None:
+    # The shim crashed here: the request line was encoded as latin-1.
+    line = _sent(sock_path, "/v1/tasks/wu_\u00e9t\u00e9_\u7ed3_0")
+    assert line == b"GET /v1/tasks/wu_%C3%A9t%C3%A9_%E7%BB%93_0 HTTP/1.1"
+
+
+def test_nothing_in_a_name_can_break_the_request_line(sock_path: Path) -> None:
+    line = _sent(sock_path, "/v1/tasks/a b\r\nX-Evil: 1\r\n#%\ud800/wait?timeout=0.1")
+    assert line == (
+        b"GET /v1/tasks/a%20b%0D%0AX-Evil:%201%0D%0A%23%25%ED%A0%80/wait?timeout=0.1 HTTP/1.1"
+    )
+
+
+def test_plain_urls_are_sent_as_they_are(sock_path: Path) -> None:
+    url = "/v1/tasks/c;x_0-1.2~3/logs?tail=200&x=y"
+    assert _sent(sock_path, url) == f"GET {url} HTTP/1.1".encode()
+
+
+def test_an_answer_that_is_not_json_is_not_a_crash(sock_path: Path) -> None:
+    with pytest.raises(DaemonUnreachable, match="unreadable answer"):
+        _sent(sock_path, "/v1/status", json_answer(b"{not json"))
+    with pytest.raises(DaemonUnreachable, match="unreadable answer"):
+        _sent(
+            sock_path,
+            "/v1/status",
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n\xff\xfe",
+        )
+
+
+def test_an_error_that_is_not_an_object_is_still_a_daemon_error(sock_path: Path) -> None:
+    with pytest.raises(DaemonError, match="boom") as info:
+        _sent(sock_path, "/v1/status", json_answer(b'{"error": "boom"}', status="500 Oops"))
+    assert info.value.retryable

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from boincd_containers.shim.initdata import InitDataError, load_init_data, parse_init_data
+from boincd_containers.shim.slotfiles import INIT_DATA_MAX_BYTES
+from tests.unit.test_shim_slotfiles import within
 
 # Shaped like the 7.20.5 client's output, including the nested blocks that
 # reuse tag names an app must not confuse with the task's own.
@@ -176,3 +179,110 @@ def test_bad_numbers_name_the_tag(tag: str, value: str) -> None:
 def test_load_from_slot(tmp_path: Path) -> None:
     (tmp_path / "init_data.xml").write_text(SAMPLE)
     assert load_init_data(tmp_path).slot == 3
+
+
+# -- hostile slot files and names (issue 15) ------------------------------------------
+
+
+def _load_error(slot: Path, fifo: Path | None = None) -> str:
+    with pytest.raises(InitDataError) as info:
+        within(fifo, lambda: load_init_data(slot))
+    return str(info.value)
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "init_data.xml")
+    message = _load_error(tmp_path, tmp_path / "init_data.xml")
+    assert message == "init_data.xml is a FIFO (named pipe), not a regular file"
+
+
+def test_link_to_dev_zero_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "init_data.xml").symlink_to("/dev/zero")
+    assert _load_error(tmp_path) == "init_data.xml is a character device, not a regular file"
+
+
+def test_over_the_cap_is_refused(tmp_path: Path) -> None:
+    with open(tmp_path / "init_data.xml", "wb") as f:
+        f.truncate(INIT_DATA_MAX_BYTES + 1)
+    assert f"larger than {INIT_DATA_MAX_BYTES} bytes" in _load_error(tmp_path)
+
+
+LENIENT = SAMPLE.replace("/var/lib/boinc/projects/", "/home/a&b/projects/")
+
+
+@pytest.mark.parametrize(
+    "filler",
+    ["<proxy_info>", "<host_info>", "<shm_key>", "<project_preferences><x>"],
+    ids=["unclosed-block", "block-after-block", "unclosed-wanted", "unclosed-mixed"],
+)
+def test_two_megabytes_of_unclosed_tags_parse_in_linear_time(filler: str) -> None:
+    # The fallback scanner searched to the end of the file from every unclosed
+    # tag: 200 KB took 16 s, 2 MB would take about half an hour. No timing
+    # threshold here: the old scanner runs into the test timeout.
+    repeat = (2 << 20) // len(filler)
+    text = LENIENT.replace("<shm_key>-1</shm_key>", "").replace(
+        "</app_init_data>", filler * repeat + "</app_init_data>"
+    )
+    assert len(text) > 2_000_000
+    data = parse_init_data(text)
+    assert data.project_dir == "/home/a&b/projects/example.org_science"
+    assert (data.result_name, data.ncpus, data.gpu_type) == ("wu_1_0", 2.0, "NVIDIA")
+    assert data.shm_key == 0
+
+
+def test_two_megabytes_of_well_formed_xml(tmp_path: Path) -> None:
+    deep = "<a>" * 200_000 + "</a>" * 200_000
+    wide = "<user_name>" + "x" * 500_000 + "</user_name>"
+    (tmp_path / "init_data.xml").write_text(
+        SAMPLE.replace("<host_info>", "<host_info>" + deep + wide)
+    )
+    data = load_init_data(tmp_path)
+    assert (data.result_name, data.gpu_type, data.ncpus) == ("wu_1_0", "NVIDIA", 2.0)
+
+
+def test_entities_are_never_expanded() -> None:
+    bomb = '<!DOCTYPE app_init_data [<!ENTITY a "aaaaaaaaaa">' + "".join(
+        f'<!ENTITY {c} "{("&" + p + ";") * 10}">'
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    data = parse_init_data(bomb + "]>\n" + SAMPLE.replace("sciapp", "&i;"))
+    assert data.app_name == "&i;"  # read as BOINC's own tag scanner reads it
+    assert data.result_name == "wu_1_0"
+
+
+def test_text_before_a_child_element_as_elementtree_read_it() -> None:
+    text = SAMPLE.replace("<wu_name>wu_1</wu_name>", "<wu_name> w <b>x</b> y</wu_name>")
+    assert parse_init_data(text).wu_name == "w"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "wu_\u00e9t\u00e9_0",
+        "\u7ed3\u679c",
+        "r\x1b[31m",
+        "r\tx",
+        "r/../x",
+        "r?x",
+        "\ud800",
+        "r" * 255,
+    ],
+    ids=["latin", "cjk", "escape", "tab", "slash", "query", "surrogate", "too-long"],
+)
+def test_result_names_boinc_cannot_have_are_refused(tmp_path: Path, name: str) -> None:
+    raw = SAMPLE.replace("wu_1_0", name).encode("utf-8", "surrogatepass")
+    (tmp_path / "init_data.xml").write_bytes(raw)
+    message = _load_error(tmp_path)
+    assert message.startswith("init_data.xml: <result_name>")
+    assert "printable ASCII" in message or "at most 254" in message
+    message.encode("ascii")  # the message itself is safe to print anywhere
+
+
+@pytest.mark.parametrize("name", ["c;x", "c x", "r%41", "r#1", "r" * 254, "a-b_c.d~e"])
+def test_printable_ascii_result_names_are_kept(name: str) -> None:
+    assert parse_init_data(SAMPLE.replace("wu_1_0", name)).result_name == name
+
+
+def test_control_character_in_project_dir() -> None:
+    with pytest.raises(InitDataError, match=r"<project_dir> contains a control character"):
+        parse_init_data(LENIENT.replace("/home/a&b", "/home/a&#1;b\x01"))

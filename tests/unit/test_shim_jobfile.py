@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from boincd_containers.shim import jobfile
 from boincd_containers.shim.jobfile import JobError, JobSpec, load_job, resolve_soft_link
+from boincd_containers.shim.slotfiles import JOB_FILE_MAX_BYTES
+from tests.unit.test_shim_slotfiles import within
 
 
 @dataclass
@@ -355,3 +358,108 @@ def test_project_dir_mount_needs_a_project_dir(tmp_path: Path) -> None:
     (tmp_path / "job.toml").write_text('image = "a"\nproject_dir_mount = "/p"\n')
     with pytest.raises(JobError, match="project directory is not known"):
         load_job(tmp_path)
+
+
+# -- hostile slot files (issue 15): refused with a clear message, never read blindly --
+
+
+def _load_within(dirs: Dirs, fifo: Path | None = None) -> str:
+    """The JobError message; a load that blocks (on a FIFO) fails the test instead."""
+    with pytest.raises(JobError) as info:
+        within(fifo, lambda: load_job(dirs.slot, dirs.project))
+    return str(info.value)
+
+
+def test_job_toml_linked_to_dev_zero_is_refused(dirs: Dirs) -> None:
+    # The shim used to read /dev/zero until the host ran out of memory.
+    (dirs.slot / "job.toml").symlink_to("/dev/zero")
+    assert _load_within(dirs) == "job.toml is a character device, not a regular file"
+
+
+def test_job_toml_fifo_is_refused_without_blocking(dirs: Dirs) -> None:
+    os.mkfifo(dirs.slot / "job.toml")
+    message = _load_within(dirs, dirs.slot / "job.toml")
+    assert message == "job.toml is a FIFO (named pipe), not a regular file"
+
+
+def test_job_toml_soft_link_to_a_fifo_or_device(dirs: Dirs) -> None:
+    os.mkfifo(dirs.project / "job_fifo.toml")
+    (dirs.slot / "job.toml").write_text(
+        "<soft_link>../../projects/example.org_sci/job_fifo.toml</soft_link>\n"
+    )
+    assert "FIFO" in _load_within(dirs, dirs.project / "job_fifo.toml")
+    (dirs.slot / "job.toml").write_text("<soft_link>/dev/zero</soft_link>\n")
+    assert "character device" in _load_within(dirs)
+
+
+def test_job_toml_that_is_a_directory(dirs: Dirs) -> None:
+    (dirs.slot / "job.toml").mkdir()
+    assert _load_within(dirs) == "job.toml is a directory, not a regular file"
+
+
+def test_job_toml_over_the_cap(dirs: Dirs) -> None:
+    with open(dirs.slot / "job.toml", "wb") as f:
+        f.truncate(JOB_FILE_MAX_BYTES + 1)  # sparse: no disk used
+    assert f"larger than {JOB_FILE_MAX_BYTES} bytes" in _load_within(dirs)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["[" * 100_000 + "]" * 100_000, "{a=" * 5_000 + "1" + "}" * 5_000, "[{a=" * 3_000 + "1"],
+    ids=["arrays", "inline-tables", "mixed-unclosed"],
+)
+def test_deep_nesting_is_refused_not_a_recursion_error(dirs: Dirs, value: str) -> None:
+    message = dirs.error('image = "debian:12"\nx = ' + value + "\n")
+    assert message == (
+        "job.toml: arrays or inline tables nested more than 32 levels deep (line 2); "
+        "a job needs only a few"
+    )
+
+
+def test_long_dotted_key_is_refused_before_tomllib(dirs: Dirs) -> None:
+    # tomllib checks every prefix of a dotted key: 20,000 parts took 1.6 GB and 22 s.
+    message = dirs.error('image = "debian:12"\n' + "a" + ".a" * 20_000 + " = 1\n")
+    assert message.startswith("job.toml: a key with more than 32 dotted parts (line 2)")
+    message = dirs.error("[" + "t." * 40 + "t]\n")
+    assert "dotted parts" in message
+
+
+def test_nesting_below_the_bound_and_brackets_in_strings_are_fine(dirs: Dirs) -> None:
+    spec = dirs.job(
+        'image = "debian:12"  # [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\n'
+        'command = ["[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[{{{{{{{{{{{{{{{{{", '
+        "'[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[', "
+        '"""\n[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\\"""[[[[[[[[[[[[[[[[[[[[""""", '
+        "'''[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[''''', "
+        '"a.b.c.d.e.f.g.h.i.j.k.l.m.n.o.p.q.r.s.t.u.v.w.x.y.z.a.b.c.d.e.f.g.h.i.j"]\n'
+        "[build_args]\n" + "\n".join(f"A{i} = '{'.' * 50}'" for i in range(3)) + "\n"
+    )
+    assert spec.command is not None
+    assert len(spec.command) == 5
+    with pytest.raises(JobError, match="unknown key 'x'"):
+        dirs.job('image = "debian:12"\nx = ' + "[" * 30 + "]" * 30 + "\n")
+
+
+def test_recursion_error_is_still_a_clear_message(
+    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Should the bound above ever miss a way of nesting, tomllib's RecursionError
+    # still becomes a job.toml message.
+    monkeypatch.setattr(jobfile, "check_nesting", lambda text, name: None)
+    message = dirs.error('image = "debian:12"\nx = ' + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert message == "job.toml: values nested too deeply to parse"
+
+
+def test_nul_in_a_mount_string_is_a_clear_message(dirs: Dirs) -> None:
+    message = dirs.error('image = "debian:12"\nmount = ["a\\u0000b:/x"]\n')
+    assert message.startswith("job.toml: mount[0]")
+
+
+def test_a_project_dir_in_a_symlink_loop_is_a_clear_message(dirs: Dirs) -> None:
+    (dirs.slot / "job.toml").write_text('image = "debian:12"\n')
+    (dirs.slot / "loop").symlink_to("loop")
+    with pytest.raises(
+        JobError,
+        match=r"the project directory \(<project_dir> of init_data\.xml\) .*loop' cannot be",
+    ):
+        load_job(dirs.slot, dirs.slot / "loop")
