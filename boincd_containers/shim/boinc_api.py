@@ -16,6 +16,7 @@ api/boinc_api.cpp, client/app_control.cpp, client/app_start.cpp):
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import fcntl
@@ -23,6 +24,7 @@ import math
 import mmap
 import os
 import re
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -411,7 +413,16 @@ class SlotLock:
         """Take the lock without waiting; raise :class:`SlotLockHeld` if it is taken."""
         if self._fd is not None:
             return
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o664)
+        # Non-blocking and no link followed: a FIFO or a symlink planted in the
+        # slot must fail the open, not hang it or lock something elsewhere.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o664)
+        except OSError as exc:
+            raise BoincApiError(f"cannot open {self.path}: {exc.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise BoincApiError(f"{self.path} is not a regular file")
         try:
             # lockf() in CPython is fcntl(F_SETLK), the lock FILE_LOCK::lock takes.
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -471,9 +482,15 @@ def finish_exit_code(status: int) -> int:
     return code
 
 
-def _write_atomic(path: Path, content: str) -> None:
+def write_atomic(path: Path, content: str) -> None:
+    """Write a slot file whole or not at all. The temporary name is made afresh
+    (O_EXCL, no link followed), so nothing planted there (a FIFO, a symlink)
+    can block the write or redirect it."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(tmp, flags, 0o644), "w", encoding="utf-8") as f:
         f.write(content)
         f.flush()
         os.fsync(f.fileno())
@@ -494,7 +511,7 @@ def write_finish_file(
     if message is not None:
         content += f"{_one_line(message, _FINISH_MESSAGE_MAX)}\n{'notice' if is_notice else ''}\n"
     path = Path(slot_dir) / BOINC_FINISH_CALLED_FILE
-    _write_atomic(path, content)
+    write_atomic(path, content)
     return path
 
 
@@ -516,5 +533,5 @@ def write_temporary_exit_file(
     if is_notice:
         content += "notice\n"
     path = Path(slot_dir) / TEMPORARY_EXIT_FILE
-    _write_atomic(path, content)
+    write_atomic(path, content)
     return path

@@ -34,12 +34,14 @@ from .boinc_api import (
     HeartbeatWatchdog,
     StatusReport,
     finish_exit_code,
+    write_atomic,
     write_finish_file,
     write_temporary_exit_file,
 )
 from .client import DaemonClient, DaemonError, DaemonUnreachable
 from .initdata import InitData
 from .jobfile import JobSpec
+from .slotfiles import SMALL_FILE_MAX_BYTES, read_fraction_done, read_slot_file, regular_file_mtime
 
 IDLE_NICE = 19  # the client's idle priority: left out of its non-BOINC load (priority.py)
 
@@ -373,7 +375,7 @@ class Runner:
 
     def _start(self) -> None:
         cpu_base = self.init.wu_cpu_time
-        (self.slot / CPU_BASE_FILE).write_text(f"{cpu_base}\n")
+        write_atomic(self.slot / CPU_BASE_FILE, f"{cpu_base}\n")
         self._verb("start")
         if self.task.get("state") == "running":
             say(f"container {str(self.task.get('container_id'))[:12]} running")
@@ -387,21 +389,17 @@ class Runner:
 
     def _cpu_base(self) -> float:
         try:
-            return float((self.slot / CPU_BASE_FILE).read_text())
+            return float(read_slot_file(self.slot / CPU_BASE_FILE, SMALL_FILE_MAX_BYTES))
         except (OSError, ValueError):
             return self.init.wu_cpu_time
 
     def _checkpoint_mtime(self) -> float | None:
-        from .slotfiles import regular_file_mtime
-
         if not self.job.checkpoint_filename:
             return None
         # Only a regular file counts: a FIFO or a device is not a checkpoint.
         return regular_file_mtime(self.slot / self.job.checkpoint_filename)
 
     def _fraction_done(self) -> float | None:
-        from .slotfiles import read_fraction_done
-
         name = self.job.fraction_done_filename
         try:
             return read_fraction_done(self.slot / name, name=name)

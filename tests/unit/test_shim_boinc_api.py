@@ -11,13 +11,16 @@ import mmap
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from boincd_containers.shim import boinc_api
 from boincd_containers.shim.boinc_api import (
+    BOINC_FINISH_CALLED_FILE,
+    LOCKFILE,
     AppChannel,
     BoincApiError,
     Channel,
@@ -392,3 +395,46 @@ def test_exit_codes_match_the_client() -> None:
     assert boinc_api.EXIT_ABORTED_BY_CLIENT == 194
     assert boinc_api.EXIT_QUIT == 0
     assert boinc_api.EXIT_TEMPORARY == 0
+
+
+def _without_blocking_on(fifo: Path, call: Callable[[], object]) -> BaseException | None:
+    """Run ``call`` in a thread; if it blocks opening ``fifo`` for writing, open the
+    read end to let it go, then fail. Returns what it raised, if anything."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        thread.join(20)
+        os.close(fd)
+        pytest.fail(f"blocked on the FIFO {fifo.name}")
+    return outcome[0]
+
+
+def test_a_fifo_as_the_lock_file_fails_the_lock_instead_of_hanging(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / LOCKFILE)
+    raised = _without_blocking_on(tmp_path / LOCKFILE, SlotLock(tmp_path).acquire)
+    assert isinstance(raised, BoincApiError)
+
+
+def test_a_fifo_or_symlink_at_the_temporary_name_cannot_block_or_redirect_a_write(
+    tmp_path: Path,
+) -> None:
+    tmp = tmp_path / f".{BOINC_FINISH_CALLED_FILE}.tmp"
+    os.mkfifo(tmp)
+    assert _without_blocking_on(tmp, lambda: write_finish_file(tmp_path, 0)) is None
+    assert (tmp_path / BOINC_FINISH_CALLED_FILE).read_text() == "0\n"
+    outside = tmp_path / "outside"
+    tmp.symlink_to(outside)
+    write_finish_file(tmp_path, 3, "again")
+    assert not outside.exists()
+    assert (tmp_path / BOINC_FINISH_CALLED_FILE).read_text().startswith("3\n")
