@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import gc, inventory, limits, memwatch, metrics
-from .errors import BadRequest, BoincdError, Forbidden
+from .errors import BadRequest, BoincdError, Conflict, Forbidden
 from .log import get_logger
 from .peercred import Peer, peer_credentials
 from .service import Daemon, Feature
@@ -89,8 +89,15 @@ async def errors_and_auth(
             message = exc.reason
             if exc.status == 413:
                 message = f"the request body is larger than {MAX_BODY_BYTES} bytes"
-            return web.json_response(http_error_body(exc.status, message), status=exc.status)
+            response = web.json_response(http_error_body(exc.status, message), status=exc.status)
+            if "Allow" in exc.headers:  # a 405 says which methods the path takes
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
         raise
+    except web.RequestPayloadError as exc:
+        # A body the content coding could not decode (bad gzip/deflate).
+        message = f"the request body could not be read: {exc}"
+        return web.json_response(http_error_body(400, message[:500]), status=400)
     except HttpProcessingError as exc:
         # A body the HTTP layer could not read (bad chunking, bad compression,
         # cut short): the client's fault, like the parser's own errors.
@@ -288,6 +295,8 @@ async def task_logs(request: web.Request) -> web.Response:
         tail = int(request.query.get("tail", "200"))
     except ValueError:
         raise BadRequest("tail must be a number of lines") from None
+    if not record.container_id:
+        raise Conflict(f"task {record.result!r} has no container yet, so no logs")
     text = await daemon.engine.container_logs(record.container_id, tail)
     return web.Response(text=text, content_type="text/plain")
 

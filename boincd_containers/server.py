@@ -68,10 +68,21 @@ class JsonErrorHandler(web.RequestHandler):
 
     What the HTTP parser refuses (a bad request line, bad or oversized headers,
     garbage bytes) never reaches the app or its middleware: aiohttp answers it
-    from `handle_error` in plain text. This answers the same status with the
-    API's JSON error body instead. Only the public `handle_error` hook is
-    overridden (tests/unit/test_server.py pins its signature and behaviour).
+    from `handle_error` in plain text. Likewise an error aiohttp raises before
+    the middleware runs (an unknown `Expect` header: 417) is sent as its own
+    text/plain HTTPException through `finish_response`. Both public hooks are
+    overridden to answer the same status with the API's JSON error body
+    (tests/unit/test_server.py pins their signatures and behaviour).
     """
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        # The middleware answers every error it sees with a json_response, never
+        # an HTTPException: one reaching here was raised by aiohttp itself.
+        if isinstance(resp, web.HTTPException) and resp.status >= 400 and not resp.prepared:
+            resp = _json_error(resp.status, resp.text or resp.reason, resp)
+        return await super().finish_response(request, resp, start_time)
 
     def handle_error(
         self,
@@ -89,10 +100,17 @@ class JsonErrorHandler(web.RequestHandler):
             # A client's malformed bytes: not worth more than a debug line.
             log.debug("bad HTTP request", status=status, error=str(exc or message))
             text = f"bad HTTP request: {message or exc or status}"
-        body = json.dumps(http_error_body(status, text[:500])).encode()
-        response = web.Response(status=status, body=body, content_type="application/json")
+        response = _json_error(status, text)
         response.force_close()
         return response
+
+
+def _json_error(status: int, message: str, like: web.HTTPException | None = None) -> web.Response:
+    body = json.dumps(http_error_body(status, message[:500])).encode()
+    response = web.Response(status=status, body=body, content_type="application/json")
+    if like is not None and "Allow" in like.headers:  # 405 says which methods
+        response.headers["Allow"] = like.headers["Allow"]
+    return response
 
 
 def protocol_factory(runner: web.AppRunner, **handler_args: Any) -> partial[JsonErrorHandler]:
