@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import gc, inventory, limits, memwatch, metrics
-from .errors import BadRequest, BoincdError, Forbidden
+from .errors import BadRequest, BoincdError, Conflict, Forbidden
 from .log import get_logger
 from .peercred import Peer, peer_credentials
 from .service import Daemon, Feature
-from .taskspec import parse_request
+from .taskspec import check_name, parse_request
 
 log = get_logger(__name__)
 
@@ -24,10 +27,37 @@ PEER = web.RequestKey("peer", Peer)
 FEATURES: tuple[Feature, ...] = (metrics, limits, memwatch, inventory, gc)
 API_VERSION = 1
 _READ_METHODS = {"GET", "HEAD", "OPTIONS"}
+# A task request is a few KiB; nothing the API takes comes near this.
+MAX_BODY_BYTES = 1 << 20
+# The deepest body the API takes is 3 levels (a task's mounts); 32 leaves room.
+MAX_JSON_DEPTH = 32
+# Numbers in bodies are counts, bytes and seconds: 2**63 and its 19 digits suffice.
+MAX_JSON_INT_DIGITS = 20
+MAX_JSON_INT = 2**63 - 1
+# Query values are numbers and flags: short ASCII.
+MAX_QUERY_VALUE = 64
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
 def _error_response(error: BoincdError) -> web.Response:
     return web.json_response(error.to_json(), status=error.http_status)
+
+
+def http_error_body(status: int, message: str) -> dict[str, object]:
+    """The JSON error for a status aiohttp decided (no route, too large, bad HTTP)."""
+    code = _HTTP_CODES.get(status, "bad_request" if status == 400 else "http_error")
+    if status >= 500:
+        code = "internal"
+    return {"error": {"code": code, "message": message, "retryable": False}}
+
+
+def _check_query(request: web.Request) -> None:
+    # Every query value the API knows is a number or a flag; anything else
+    # (non-ASCII digits, 5,000-digit numbers) is refused before a handler's
+    # int()/float() sees it.
+    for key, value in request.query.items():
+        if len(value) > MAX_QUERY_VALUE or not (value.isascii() and value.isprintable()):
+            raise BadRequest(f"query parameter {ascii(key)[:40]} is not a short ASCII value")
 
 
 @web.middleware
@@ -40,6 +70,10 @@ async def errors_and_auth(
         if peer is None:
             raise Forbidden("the API is only served on a Unix socket")
         request[PEER] = peer
+        _check_query(request)
+        result = request.match_info.get("result")
+        if result is not None:
+            check_name(result, "result")
         if request.method not in _READ_METHODS:
             allowed = request.app[DAEMON].writer_uids
             if peer.uid not in allowed:
@@ -52,22 +86,97 @@ async def errors_and_auth(
         return _error_response(exc)
     except web.HTTPException as exc:
         if exc.status >= 400:
-            code = "not_found" if exc.status == 404 else "http_error"
-            body = {"error": {"code": code, "message": exc.reason, "retryable": False}}
-            return web.json_response(body, status=exc.status)
+            message = exc.reason
+            if exc.status == 413:
+                message = f"the request body is larger than {MAX_BODY_BYTES} bytes"
+            response = web.json_response(http_error_body(exc.status, message), status=exc.status)
+            if "Allow" in exc.headers:  # a 405 says which methods the path takes
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
         raise
+    except web.RequestPayloadError as exc:
+        # A body the content coding could not decode (bad gzip/deflate).
+        message = f"the request body could not be read: {exc}"
+        return web.json_response(http_error_body(400, message[:500]), status=400)
+    except HttpProcessingError as exc:
+        # A body the HTTP layer could not read (bad chunking, bad compression,
+        # cut short): the client's fault, like the parser's own errors.
+        status = exc.code if 400 <= exc.code < 500 else 400
+        message = f"the request body could not be read: {exc.message}"
+        return web.json_response(http_error_body(status, message), status=status)
     except Exception as exc:
-        log.error("request failed", path=request.path, exc_info=exc)
-        return _error_response(BoincdError(f"internal error: {exc!r}"))
+        # A bug: logged with its traceback here, never sent to the client.
+        log.error("request failed", method=request.method, path=request.path, exc_info=exc)
+        error = BoincdError(f"internal error ({type(exc).__name__}); see the daemon's log")
+        return _error_response(error)
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadRequest(f"{name} is not a number the API takes")
+
+
+def _parse_int(text: str) -> int:
+    # Before int(): Python refuses over 4,300 digits with a ValueError of its own.
+    value = int(text) if len(text) <= MAX_JSON_INT_DIGITS else None
+    if value is None or abs(value) > MAX_JSON_INT:
+        raise BadRequest(f"number {text[:24]} is too large")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or abs(value) > MAX_JSON_INT:
+        raise BadRequest(f"number {text[:24]} is too large")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of decoded JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth > MAX_JSON_DEPTH:
+                break
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def decode_json(raw: bytes, charset: str | None) -> Any:
+    """A request body → JSON value, or a BadRequest saying what is wrong with it.
+
+    JSON is UTF-8 (RFC 8259); a body labelled otherwise, or not valid UTF-8, is
+    refused rather than guessed at.
+    """
+    if charset is not None and charset.strip().lower() not in ("utf-8", "utf8"):
+        raise BadRequest(f"the body must be UTF-8 JSON, not charset {ascii(charset)[:40]}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"the body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        value = json.loads(
+            text,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_reject_constant,
+        )
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(f"the body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise BadRequest(f"the body is nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
 
 
 async def _body(request: web.Request) -> Any:
     if not request.can_read_body:
         return {}
-    try:
-        return await request.json()
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    # read() enforces client_max_size (a JSON 413 via the middleware).
+    return decode_json(await request.read(), request.charset)
 
 
 routes = web.RouteTableDef()
@@ -112,8 +221,23 @@ async def get_task(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     record = daemon.registry.get(request.match_info["result"])
     # A shim polls its task here each second: that keeps its lease (gc.py).
-    record.last_seen = time.time()
+    # Only the task's own side renews it, so a reader polling cannot keep an
+    # abandoned task's container alive.
+    if _renews_lease(request[PEER].uid, daemon.writer_uids, record.slot_dir):
+        record.last_seen = time.time()
     return web.json_response(daemon.task_json(record))
+
+
+def _renews_lease(uid: int, writers: frozenset[int], slot_dir: str) -> bool:
+    """Root, or a writer uid that owns the task's slot dir (the shim runs as its owner)."""
+    if uid == 0:
+        return True
+    if uid not in writers or not slot_dir:
+        return False
+    try:
+        return os.lstat(slot_dir).st_uid == uid
+    except OSError:
+        return False
 
 
 def _verb(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -147,9 +271,12 @@ async def set_network(request: web.Request) -> web.Response:
 async def wait_task(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     try:
-        timeout = min(float(request.query.get("timeout", "30")), 300.0)
+        timeout = float(request.query.get("timeout", "30"))
     except ValueError:
         raise BadRequest("timeout must be a number of seconds") from None
+    if not 0 <= timeout < math.inf:  # NaN too
+        raise BadRequest("timeout must be a number of seconds, 0 or more")
+    timeout = min(timeout, 300.0)
     record = await daemon.tasks.wait(request.match_info["result"], timeout)
     return web.json_response(daemon.task_json(record))
 
@@ -168,12 +295,14 @@ async def task_logs(request: web.Request) -> web.Response:
         tail = int(request.query.get("tail", "200"))
     except ValueError:
         raise BadRequest("tail must be a number of lines") from None
+    if not record.container_id:
+        raise Conflict(f"task {record.result!r} has no container yet, so no logs")
     text = await daemon.engine.container_logs(record.container_id, tail)
     return web.Response(text=text, content_type="text/plain")
 
 
 def make_app(daemon: Daemon) -> web.Application:
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=1 << 20)
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY_BYTES)
     app[DAEMON] = daemon
     app.add_routes(routes)
     # Features own their routes, status fields and loops; see each attach().

@@ -40,7 +40,13 @@ _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
 def escape_label_value(value: str) -> str:
-    """Backslash, double quote and line feed are the three escapes the format knows."""
+    """Backslash, double quote and line feed are the three escapes the format knows.
+
+    Label values are UTF-8: what cannot be encoded (a lone surrogate, as a task
+    adopted from the engine may carry) is written as its `\\udXXX` escape, so
+    one odd name never makes the whole scrape fail.
+    """
+    value = value.encode("utf-8", "backslashreplace").decode("utf-8")
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import errno
 import grp
+import json
 import os
 import signal
 import socket
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 
 from . import sdnotify
-from .api import make_app
+from .api import http_error_body, make_app
 from .errors import BoincdError
 from .log import get_logger
 from .service import Daemon
@@ -59,6 +63,68 @@ def secure_socket(path: Path, group: str | None) -> None:
     os.chmod(path, 0o660)
 
 
+class JsonErrorHandler(web.RequestHandler):
+    """aiohttp's connection handler, with its own error answers in JSON.
+
+    What the HTTP parser refuses (a bad request line, bad or oversized headers,
+    garbage bytes) never reaches the app or its middleware: aiohttp answers it
+    from `handle_error` in plain text. Likewise an error aiohttp raises before
+    the middleware runs (an unknown `Expect` header: 417) is sent as its own
+    text/plain HTTPException through `finish_response`. Both public hooks are
+    overridden to answer the same status with the API's JSON error body
+    (tests/unit/test_server.py pins their signatures and behaviour).
+    """
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        # The middleware answers every error it sees with a json_response, never
+        # an HTTPException: one reaching here was raised by aiohttp itself.
+        if isinstance(resp, web.HTTPException) and resp.status >= 400 and not resp.prepared:
+            resp = _json_error(resp.status, resp.text or resp.reason, resp)
+        return await super().finish_response(request, resp, start_time)
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            # Only a bug gets here (the middleware answers every app error):
+            # log it, and tell the client nothing about it.
+            log.error("request failed in the HTTP layer", status=status, exc_info=exc)
+            text = "internal error; see the daemon's log"
+        else:
+            # A client's malformed bytes: not worth more than a debug line.
+            log.debug("bad HTTP request", status=status, error=str(exc or message))
+            text = f"bad HTTP request: {message or exc or status}"
+        response = _json_error(status, text)
+        response.force_close()
+        return response
+
+
+def _json_error(status: int, message: str, like: web.HTTPException | None = None) -> web.Response:
+    body = json.dumps(http_error_body(status, message[:500])).encode()
+    response = web.Response(status=status, body=body, content_type="application/json")
+    if like is not None and "Allow" in like.headers:  # 405 says which methods
+        response.headers["Allow"] = like.headers["Allow"]
+    return response
+
+
+def protocol_factory(runner: web.AppRunner, **handler_args: Any) -> partial[JsonErrorHandler]:
+    """What the Unix socket server makes for each connection (instead of UnixSite's
+    default handler): the runner's request handling, with JSON parser errors."""
+    server = runner.server
+    if server is None:
+        raise RuntimeError("the runner is not set up")
+    # No access log, as AppRunner(access_log=None) had: a line per request is
+    # noise on a socket a shim polls each second (aiohttp takes None here).
+    options: dict[str, Any] = {"access_log": None, **handler_args}
+    return partial(JsonErrorHandler, server, loop=asyncio.get_running_loop(), **options)
+
+
 async def _watchdog() -> None:
     """Tell systemd we are alive, at half its WatchdogSec, while the loop turns."""
     interval = sdnotify.watchdog_interval()
@@ -80,9 +146,9 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    listener: asyncio.AbstractServer | None = None
     try:
-        site = web.UnixSite(runner, str(socket_path))
-        await site.start()
+        listener = await loop.create_unix_server(protocol_factory(runner), str(socket_path))
         secure_socket(socket_path, settings.socket_group)
         log.info("listening", socket=str(socket_path))
         sdnotify.ready("serving on " + str(socket_path))
@@ -94,6 +160,8 @@ async def run(settings: Settings) -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if listener is not None:
+            listener.close()  # no new connections; runner.cleanup() ends the open ones
         await runner.cleanup()
         socket_path.unlink(missing_ok=True)  # noqa: ASYNC240 - shutdown, nothing else runs
         log.info("daemon stopped")

@@ -66,6 +66,57 @@ class TaskRequest:
         return L.container_name(self.project, self.result)
 
 
+# BOINC's own bounds: the client keeps result names and project dir names in
+# `char name[256]` (client/client_types.h), the server's result.name is a
+# varchar(191), and project dir names are the master URL through
+# escape_project_url (lib/url.cpp: letters, digits, '.', '-', '_').
+NAME_MAX = 255
+PATH_MAX = 4096  # Linux PATH_MAX, the longest path a syscall takes
+TEXT_MAX = 65536  # one argument or environment value
+ITEMS_MAX = 4096  # entries in a list or map (arguments, environment, mounts)
+NCPUS_MAX = 65536.0
+GPU_USAGE_MAX = 64.0
+GPU_DEVICE_MAX = 1023
+BYTES_MAX = 2**63 - 1
+
+
+def _show(value: Any) -> str:
+    """A bad value in an error message: ASCII, and short whatever was sent."""
+    text = ascii(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_name(value: Any, what: str) -> str:
+    """A result or project name as BOINC makes them: printable ASCII, at most
+    NAME_MAX characters, usable as one URL path segment and one directory name
+    (no '/', not '.' or '..')."""
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{what!r} must be a non-empty string")
+    if len(value) > NAME_MAX:
+        raise BadRequest(f"{what!r} is {len(value)} characters long; at most {NAME_MAX}")
+    if not (value.isascii() and value.isprintable()) or "/" in value or value in (".", ".."):
+        raise BadRequest(
+            f"{what!r} {_show(value)} must be printable ASCII without '/' (as BOINC names are)"
+        )
+    return value
+
+
+def _text(value: Any, key: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"{key!r} must be a string, not {_show(value)}")
+    if len(value) > limit:
+        raise BadRequest(f"{key!r} is {len(value)} characters long; at most {limit}")
+    if "\0" in value:
+        raise BadRequest(f"{key!r} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates: JSON's \ud800 escapes decode to them, but no file
+        # name, label or engine string can hold them.
+        raise BadRequest(f"{key!r} is not valid Unicode: {_show(value)}") from None
+    return value
+
+
 def _get(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
     value = body.get(key, default)
     if value is None:
@@ -73,78 +124,145 @@ def _get(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default:
     if isinstance(value, bool) and kind in (int, float, (int, float)):
         raise BadRequest(f"{key!r} must be a number, not {value!r}")
     if not isinstance(value, kind):
-        raise BadRequest(f"{key!r} has the wrong type: {value!r}")
+        raise BadRequest(f"{key!r} has the wrong type: {_show(value)}")
+    return value
+
+
+def _value(body: dict[str, Any], key: str, default: Any) -> Any:
+    value = body.get(key)
+    return default if value is None else value
+
+
+def _str(body: dict[str, Any], key: str, limit: int = PATH_MAX) -> str | None:
+    value = body.get(key)
+    return None if value is None else _text(value, key, limit)
+
+
+def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+    return bool(_get(body, key, bool, default))
+
+
+def _number(value: Any, key: str, low: float, high: float) -> float:
+    """A JSON number in [low, high]: never a bool (JSON true is not 1)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"{key!r} must be a number, not {_show(value)}")
+    if not low <= value <= high:  # NaN fails too
+        raise BadRequest(f"{key!r} must be between {low:g} and {high:g}, not {_show(value)}")
+    return float(value)
+
+
+def _list(body: dict[str, Any], key: str) -> list[Any] | None:
+    value: list[Any] | None = _get(body, key, list)
+    if value is not None and len(value) > ITEMS_MAX:
+        raise BadRequest(f"{key!r} has {len(value)} entries; at most {ITEMS_MAX}")
     return value
 
 
 def _str_dict(body: dict[str, Any], key: str) -> dict[str, str]:
     value = _get(body, key, dict, {})
+    if len(value) > ITEMS_MAX:
+        raise BadRequest(f"{key!r} has {len(value)} entries; at most {ITEMS_MAX}")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise BadRequest(f"{key!r} must map strings to strings")
+    for name, text in value.items():
+        if not name or "=" in name:
+            raise BadRequest(f"{key!r} has a bad name {_show(name)}")
+        _text(name, key, NAME_MAX)
+        _text(text, key, TEXT_MAX)
     return dict(value)
 
 
-def parse_request(body: Any) -> TaskRequest:
-    """JSON body → TaskRequest, with a 400 naming the bad field."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    known = set(TaskRequest.__dataclass_fields__)
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
-    result = _get(body, "result", str, "")
-    project = _get(body, "project", str, "")
-    slot_dir = _get(body, "slot_dir", str, "")
-    if not result or not project or not slot_dir:
-        raise BadRequest("'result', 'project' and 'slot_dir' are required")
-    command = _get(body, "command", list)
-    if command is not None and not all(isinstance(c, str) for c in command):
-        raise BadRequest("'command' must be a list of strings")
+def _mounts(body: dict[str, Any]) -> list[Mount]:
     mounts = []
-    for item in _get(body, "mounts", list, []):
+    for item in _list(body, "mounts") or []:
         if (
             not isinstance(item, dict)
             or not isinstance(item.get("source"), str)
             or not isinstance(item.get("target"), str)
         ):
             raise BadRequest("each mount needs string 'source' and 'target'")
-        mounts.append(Mount(item["source"], item["target"], bool(item.get("read_only", False))))
+        extra = sorted(set(item) - {"source", "target", "read_only"})
+        if extra:
+            raise BadRequest(f"unknown mount field(s): {_show(extra)}")
+        read_only = item.get("read_only", False)
+        if not isinstance(read_only, bool):
+            raise BadRequest(f"a mount's 'read_only' must be true or false, not {_show(read_only)}")
+        source = _text(item["source"], "mounts.source", PATH_MAX)
+        target = _text(item["target"], "mounts.target", PATH_MAX)
+        mounts.append(Mount(source, target, read_only))
+    return mounts
+
+
+def _gpu(body: dict[str, Any]) -> GpuRequest | None:
     gpu_body = _get(body, "gpu", dict)
-    gpu = None
-    if gpu_body is not None:
-        gpu = GpuRequest(
-            type=str(gpu_body.get("type", "")),
-            device_num=int(gpu_body.get("device_num", 0)),
-            usage=float(gpu_body.get("usage", 1.0)),
-        )
+    if gpu_body is None:
+        return None
+    extra = sorted(set(gpu_body) - {"type", "device_num", "usage"})
+    if extra:
+        raise BadRequest(f"unknown gpu field(s): {_show(extra)}")
+    device = _value(gpu_body, "device_num", 0)
+    if isinstance(device, bool) or not isinstance(device, int):
+        raise BadRequest(f"'gpu.device_num' must be a whole number, not {_show(device)}")
+    return GpuRequest(
+        type=_text(_value(gpu_body, "type", ""), "gpu.type", NAME_MAX),
+        device_num=int(_number(device, "gpu.device_num", 0, GPU_DEVICE_MAX)),
+        usage=_number(_value(gpu_body, "usage", 1.0), "gpu.usage", 0, GPU_USAGE_MAX),
+    )
+
+
+def parse_request(body: Any) -> TaskRequest:
+    """JSON body → TaskRequest, with a 400 naming the bad field.
+
+    Every field is checked for type and bounds here, so nothing later (paths,
+    labels, the engine, metrics) meets a value it cannot handle.
+    """
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    known = set(TaskRequest.__dataclass_fields__)
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise BadRequest(f"unknown field(s): {_show(unknown)}")
+    if not body.get("result") or not body.get("project") or not body.get("slot_dir"):
+        raise BadRequest("'result', 'project' and 'slot_dir' are required")
+    result = check_name(body["result"], "result")
+    project = check_name(body["project"], "project")
+    slot_dir = _text(body["slot_dir"], "slot_dir", PATH_MAX)
+    command = _list(body, "command")
+    if command is not None:
+        if not all(isinstance(c, str) for c in command):
+            raise BadRequest("'command' must be a list of strings")
+        for arg in command:
+            _text(arg, "command", TEXT_MAX)
+    mounts = _mounts(body)
+    gpu = _gpu(body)
     priority = _priority(_get(body, "priority", dict))
-    ncpus = float(_get(body, "ncpus", (int, float), 1.0))
-    memory = int(_get(body, "memory_bytes", (int, float), 0))
-    disk = int(_get(body, "disk_bytes", (int, float), 0))
-    if ncpus <= 0 or memory < 0 or disk < 0:
-        raise BadRequest("'ncpus' must be > 0; 'memory_bytes' and 'disk_bytes' >= 0")
+    ncpus = _number(_value(body, "ncpus", 1.0), "ncpus", 0, NCPUS_MAX)
+    if ncpus <= 0:
+        raise BadRequest("'ncpus' must be > 0")
+    memory = int(_number(_value(body, "memory_bytes", 0), "memory_bytes", 0, BYTES_MAX))
+    disk = int(_number(_value(body, "disk_bytes", 0), "disk_bytes", 0, BYTES_MAX))
     request = TaskRequest(
         result=result,
         project=project,
         slot_dir=slot_dir,
-        project_dir=_get(body, "project_dir", str),
-        image=_get(body, "image", str),
-        image_archive=_get(body, "image_archive", str),
-        image_digest=_get(body, "image_digest", str),
-        build=bool(_get(body, "build", bool, False)),
+        project_dir=_str(body, "project_dir"),
+        image=_str(body, "image"),
+        image_archive=_str(body, "image_archive"),
+        image_digest=_str(body, "image_digest", NAME_MAX),
+        build=_flag(body, "build", False),
         build_args=_str_dict(body, "build_args"),
         command=command,
-        workdir=_get(body, "workdir", str, "/app"),
-        project_dir_mount=_get(body, "project_dir_mount", str),
+        workdir=_str(body, "workdir") or "/app",
+        project_dir_mount=_str(body, "project_dir_mount"),
         mounts=mounts,
-        network=bool(_get(body, "network", bool, False)),
+        network=_flag(body, "network", False),
         ncpus=ncpus,
         memory_bytes=memory,
         disk_bytes=disk,
         gpu=gpu,
         env=_str_dict(body, "env"),
-        read_only_root=bool(_get(body, "read_only_root", bool, False)),
-        allow_fetch=bool(_get(body, "allow_fetch", bool, True)),
+        read_only_root=_flag(body, "read_only_root", False),
+        allow_fetch=_flag(body, "allow_fetch", True),
         priority=priority,
     )
     if not (request.image or request.image_archive or request.build):

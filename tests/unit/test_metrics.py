@@ -100,6 +100,15 @@ def test_label_values_are_escaped_and_read_back() -> None:
     assert escape_label_value("plain") == "plain"
 
 
+def test_a_label_value_utf8_cannot_hold_still_renders() -> None:
+    # Before: a task named with a lone surrogate (adopted from the engine's
+    # labels) made text.encode() raise, and /metrics answered 500 to everyone.
+    text = render([Family("t_bytes", "gauge", "h").add(1, result="r\ud800x", project="caf\u00e9")])
+    text.encode("utf-8")
+    samples, _ = parse_exposition(text)
+    assert samples["t_bytes"] == [({"result": "r\\ud800x", "project": "caf\u00e9"}, 1.0)]
+
+
 def test_values_are_exact_integers_or_floats() -> None:
     assert format_value(2**40 + 1) == "1099511627777"
     assert format_value(0.5) == "0.5"

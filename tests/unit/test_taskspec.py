@@ -108,3 +108,87 @@ def test_container_config_is_locked_down(tmp_path: Path) -> None:
         )["HostConfig"]["NetworkMode"]
         == "bridge"
     )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("result", "r\ud800", "printable ASCII"),
+        ("result", "r" * 100_000, "at most 255"),
+        ("result", "caf\u00e9", "printable ASCII"),
+        ("result", "a\tb", "printable ASCII"),
+        ("result", "a/b", "without '/'"),
+        ("result", "..", "without '/'"),
+        ("project", "p/../x", "without '/'"),
+        ("project", 5, "non-empty string"),
+        ("slot_dir", "/tmp/a\0b", "NUL"),
+        ("slot_dir", "/tmp/\udcff", "not valid Unicode"),
+        ("slot_dir", ["/tmp"], "must be a string"),
+        ("image", 3, "must be a string"),
+        ("image", "x" * 5000, "at most"),
+        ("workdir", {"a": 1}, "must be a string"),
+        ("ncpus", "2", "must be a number"),
+        ("ncpus", 1e300, "between"),
+        ("ncpus", float("nan"), "between"),
+        ("memory_bytes", 2**70, "between"),
+        ("memory_bytes", -1, "between"),
+        ("memory_bytes", False, "must be a number"),
+        ("disk_bytes", float("inf"), "between"),
+        ("gpu", {"device_num": "x"}, "whole number"),
+        ("gpu", {"device_num": 1.5}, "whole number"),
+        ("gpu", {"usage": "half"}, "must be a number"),
+        ("gpu", {"usage": -1}, "between"),
+        ("gpu", {"type": 7}, "must be a string"),
+        ("gpu", {"colour": "x"}, "unknown gpu field"),
+        ("gpu", [1], "wrong type"),
+        ("mounts", [{"source": "a", "target": "/b", "read_only": "yes"}], "true or false"),
+        ("mounts", [{"source": "a", "target": "/b", "x": 1}], "unknown mount field"),
+        ("mounts", ["a:/b"], "string 'source' and 'target'"),
+        ("mounts", {"source": "a"}, "wrong type"),
+        ("env", {"A=B": "c"}, "bad name"),
+        ("env", {"A": "\0"}, "NUL"),
+        ("env", {"A": 1}, "strings to strings"),
+        ("build_args", "x", "wrong type"),
+        ("command", ["a"] * 5000, "at most 4096"),
+        ("command", ["a\ud800"], "not valid Unicode"),
+        ("priority", {"nice": "19"}, "priority"),
+        ("build", "yes", "wrong type"),
+        ("network", 1, "wrong type"),
+    ],
+)
+def test_every_field_is_type_and_bound_checked(
+    tmp_path: Path, field: str, value: Any, words: str
+) -> None:
+    # Before: many of these were 500s (int("x"), int(inf), surrogates reaching
+    # paths and labels) or were accepted (a 100,000-character result name).
+    with pytest.raises(BadRequest) as caught:
+        parse_request(body(tmp_path, **{field: value}))
+    assert words in caught.value.message
+    caught.value.message.encode("ascii")  # ascii() of bad values: safe to log and send
+
+
+def test_the_shims_requests_still_parse(tmp_path: Path) -> None:
+    request = parse_request(
+        body(
+            tmp_path,
+            result="wu_12.3-x_0",
+            project="boinc.example.org_project",
+            ncpus=0.01,
+            memory_bytes=2.5e9,
+            disk_bytes=0,
+            gpu={"type": "NVIDIA", "device_num": 1, "usage": 0.5},
+            mounts=[{"source": "in", "target": "/in", "read_only": True}],
+            env={"A": "b c"},
+            command=["sh", "-c", "echo é"],
+            priority={"nice": 19, "idle": True},
+            project_dir=None,
+            build_args={},
+        )
+    )
+    assert request.memory_bytes == 2_500_000_000
+    assert request.gpu is not None
+    assert request.gpu.usage == 0.5
+    assert request.mounts[0].read_only is True
+    assert request.result == "wu_12.3-x_0"
+    long_name = "r" * 255
+    assert parse_request(body(tmp_path, result=long_name)).result == long_name
