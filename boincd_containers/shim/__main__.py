@@ -60,7 +60,23 @@ def _internal_error(file: str, exc: Exception) -> str:
     )
 
 
+USAGE = """usage: boincd-shim
+
+The main program of a BOINC app version whose tasks run in containers. The BOINC
+client starts it in the task's slot dir; it reads init_data.xml and job.toml there
+and asks the boincd-containers daemon (socket: BOINCD_SOCKET, default
+/run/boincd-containers/boincd.sock) to run the container. Not meant to be run by
+hand; see docs/projects.md.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    # The client may pass an app version's command line; only a lone request for
+    # help is taken as one.
+    if args in (["--help"], ["-h"]):
+        sys.stdout.write(USAGE)
+        return 0
     slot = Path.cwd()
     try:
         init = load_init_data(slot)

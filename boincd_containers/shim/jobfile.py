@@ -369,14 +369,16 @@ def _image_archive(chk: _Checker, value: object) -> str:
 
 def _check_keys(chk: _Checker, data: dict[str, object]) -> list[str]:
     """Reject unknown keys; return warnings for the docker_wrapper keys we ignore."""
-    for key in sorted(data):
-        if key not in _KNOWN_KEYS:
-            close = difflib.get_close_matches(key, _KNOWN_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise JobError(
-                f"{chk.file}: unknown key {key!r}{hint}; "
-                f"allowed keys: {', '.join(sorted(_KNOWN_KEYS))}"
-            )
+    unknown = []
+    for key in sorted(k for k in data if k not in _KNOWN_KEYS):
+        close = difflib.get_close_matches(key, _KNOWN_KEYS, n=1)
+        unknown.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if unknown:
+        # Every one at once: a project fixes its file in one round, not one per key.
+        raise JobError(
+            f"{chk.file}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            f"allowed keys: {', '.join(sorted(_KNOWN_KEYS))}"
+        )
     if "image" in data and "image_name" in data:
         raise chk.fail("image", "give 'image' or its alias 'image_name', not both")
     if "create_args" in data:
@@ -387,7 +389,8 @@ def _check_keys(chk: _Checker, data: dict[str, object]) -> list[str]:
         port = data["web_graphics_guest_port"]
         if isinstance(port, bool) or not isinstance(port, int):
             raise chk.fail("web_graphics_guest_port", f"must be an integer, not {_describe(port)}")
-    return [f"{chk.file}: {k} is ignored: {why}" for k, why in _IGNORED_KEYS.items() if k in data]
+    # The shim prefixes each warning with the file's name when it prints it.
+    return [f"{k} is ignored: {why}" for k, why in _IGNORED_KEYS.items() if k in data]
 
 
 def _image(chk: _Checker, data: dict[str, object]) -> str | None:

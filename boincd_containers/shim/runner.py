@@ -18,7 +18,9 @@ that can wait for the client.
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -52,7 +54,13 @@ STATUS_EVERY_S = 1.0
 # image already present starts at once), and after this long without one, as if
 # the network were allowed.
 FIRST_HEARTBEAT_WAIT_S = 3.0
-CREATE_RETRY_S = 5.0  # between attempts to prepare a task that failed retryably
+# Between attempts to prepare a task that failed retryably (registry unreachable,
+# engine down): doubling up to the cap, with jitter, so that many tasks of one
+# host do not knock on a registry in step.
+CREATE_RETRY_S = 5.0
+CREATE_RETRY_MAX_S = 120.0
+# Causes that are not an outage: BOINC's network switch, a GPU share to free up.
+_PATIENT_CODES = ("network_suspended", "busy")
 MAX_BACKOFF_S = 5.0  # between attempts to reach a daemon that is down
 WITHDRAW_TIMEOUT_S = 3.0  # the client reads app_status about once a second
 CPU_BASE_FILE = "boincd_cpu_base"  # CPU time the task had when its container started
@@ -146,6 +154,11 @@ class Runner:
         self.heartbeat_seen = False
         self.first_heartbeat_deadline = time.monotonic() + FIRST_HEARTBEAT_WAIT_S
         self.create_retry_at = 0.0
+        self.create_delay_s = CREATE_RETRY_S
+        # Since when the task cannot be prepared for a cause that is not BOINC's
+        # (a registry or engine down): counted toward the give-up limit, whatever
+        # the daemon itself answers meanwhile.
+        self.waiting_since: float | None = None
         self.create_allowed_fetch = False
         self.priority = own_priority()
         # At idle priority the container's load is not counted against the task
@@ -174,7 +187,8 @@ class Runner:
             return None
         except DaemonError as exc:
             if exc.retryable:
-                self._unreachable(exc.message, code=exc.code)
+                if exc.code != "conflict":  # "still being prepared": just ask again
+                    self._unreachable(exc.message, code=exc.code)
                 return None
             if exc.code == "not_found" and path.startswith("/v1/tasks/"):
                 # The daemon lost the task (its record, not the container): ask
@@ -190,12 +204,19 @@ class Runner:
         return answer
 
     def _unreachable(self, message: str, code: str = "unavailable") -> None:
-        if code in ("network_suspended", "busy"):
+        if code in _PATIENT_CODES:
             self._say_once(code, message)
             return  # waiting for BOINC or for a GPU share is not an outage
         if self.unreachable_since is None:
             self.unreachable_since = time.monotonic()
         self._say_once("unreachable", f"waiting for the daemon: {message}")
+
+    def _task_waits(self, code: str, message: str) -> None:
+        """The daemon is there but cannot prepare the task yet: said once per
+        cause, retried with backoff, given up after the limit."""
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
+        self._say_once(f"waiting:{code}", f"waiting: {message} (trying again with backoff)")
 
     def _say_once(self, key: str, text: str) -> None:
         if key not in self.said:
@@ -203,11 +224,14 @@ class Runner:
             say(text)
 
     def _give_up_if_unreachable_too_long(self) -> int | None:
-        if self.unreachable_since is None:
+        since = min(t for t in (self.unreachable_since, self.waiting_since, math.inf) if t)
+        if time.monotonic() - since < self.config.unreachable_limit_s:
             return None
-        if time.monotonic() - self.unreachable_since < self.config.unreachable_limit_s:
-            return None
-        reason = "boincd-containers daemon or container engine unreachable"
+        if self.waiting_since is not None:
+            error = (self.task.get("error") or {}).get("message")
+            reason = f"the task could not be prepared: {error}"
+        else:
+            reason = "boincd-containers daemon or container engine unreachable"
         say(f"{reason} for {self.config.unreachable_limit_s:.0f} s: temporary exit")
         self._withdraw_other_pid()
         write_temporary_exit_file(self.slot, self.config.temporary_exit_delay_s, reason)
@@ -218,6 +242,11 @@ class Runner:
     def run(self) -> int:
         for warning in self.job.warnings:
             say(f"job.toml: {warning}")
+        if self.job.use_gpu and not self.init.uses_gpu:
+            say(
+                "warning: job.toml asks for a GPU (use_gpu) but BOINC assigned this task "
+                "none (a CPU app version, or no usable GPU): it runs without a GPU"
+            )
         while True:
             messages = self.channel.poll()
             self.watchdog.observe(messages)
@@ -300,7 +329,10 @@ class Runner:
         may_fetch = self._may_fetch()
         if self.task and now < self.create_retry_at and self.create_allowed_fetch == may_fetch:
             return
-        self.create_retry_at = now + CREATE_RETRY_S
+        if self.create_allowed_fetch != may_fetch:
+            self.create_delay_s = CREATE_RETRY_S  # something changed: try soon again
+        self.create_retry_at = now + self.create_delay_s * random.uniform(0.8, 1.2)
+        self.create_delay_s = min(self.create_delay_s * 2, CREATE_RETRY_MAX_S)
         self.create_allowed_fetch = may_fetch
         body = task_request(self.init, self.job, self.slot, may_fetch, self.priority)
         task = self._call("POST", "/v1/tasks", body)
@@ -319,15 +351,11 @@ class Runner:
         limit = self.task.get("limit_exceeded")
         if state == "exited" and isinstance(limit, dict):
             return self._finish_over_limit(limit)
+        if state in ("created", "running", "paused", "exited"):  # prepared at last
+            self.waiting_since = None
+            self.create_delay_s = CREATE_RETRY_S
         if state in ("failed", "waiting"):
-            error = self.task.get("error") or {}
-            if error.get("code") == "network_suspended" and not self._may_fetch():
-                if self.heartbeat_seen:  # else: not known yet, nothing to tell
-                    self._say_once("network_suspended", str(error.get("message")))
-            elif error.get("retryable"):
-                self._unreachable(str(error.get("message")), code=str(error.get("code")))
-            else:
-                self._fail(f"the task cannot run: {error.get('message')}")
+            self._wait_or_fail()
         elif state == "exited" and not self.task.get("interrupted"):
             return self._finish(int(self.task.get("exit_code") or 0))
         elif state in ("created", "exited") and not self.suspended:
@@ -340,6 +368,20 @@ class Runner:
             self.last_status = now
             self._report()
         return None
+
+    def _wait_or_fail(self) -> None:
+        """The task could not be prepared: wait where a retry can help, else fail."""
+        error = self.task.get("error") or {}
+        code, message = str(error.get("code")), str(error.get("message"))
+        if code == "network_suspended" and not self._may_fetch():
+            if self.heartbeat_seen:  # else: not known yet, nothing to tell
+                self._say_once(code, message)
+        elif error.get("retryable") and code in _PATIENT_CODES:
+            self._say_once(code, message)
+        elif error.get("retryable"):
+            self._task_waits(code, message)
+        else:
+            self._fail(f"the task cannot run: {message}")
 
     def _container_gone(self) -> bool:
         """Whether the running container's init has ended: one cheap syscall per
