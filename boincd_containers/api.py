@@ -60,6 +60,17 @@ def _check_query(request: web.Request) -> None:
             raise BadRequest(f"query parameter {ascii(key)[:40]} is not a short ASCII value")
 
 
+# Dry runs change nothing: anyone allowed on the socket may ask for them.
+_DRY_RUN_PATHS = frozenset({"/v1/gc", "/v1/images/evict"})
+
+
+def _reads_only(request: web.Request) -> bool:
+    if request.method in _READ_METHODS:
+        return True
+    dry_run = request.query.get("dry_run", "0").lower() in ("1", "true", "yes")
+    return request.method == "POST" and request.path in _DRY_RUN_PATHS and dry_run
+
+
 @web.middleware
 async def errors_and_auth(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -74,7 +85,7 @@ async def errors_and_auth(
         result = request.match_info.get("result")
         if result is not None:
             check_name(result, "result")
-        if request.method not in _READ_METHODS:
+        if not _reads_only(request):
             allowed = request.app[DAEMON].writer_uids
             if peer.uid not in allowed:
                 raise Forbidden(

@@ -410,28 +410,41 @@ class ImageCache:
 
     # -- removal ------------------------------------------------------------------
 
+    async def why_kept(self, image_id: str) -> str | None:
+        """Why `remove` would keep this image, or None if it would remove it: what
+        a dry run asks, so that it lists exactly what the real run removes."""
+        async with self._lock:
+            return await self._why_kept(normalize_id(image_id))
+
+    async def _why_kept(self, image_id: str) -> str | None:
+        record = self.records.images.get(image_id)
+        if record is None:
+            return "not brought by this daemon"
+        if image_id in self.leases.values():
+            return "a task is about to use it"
+        containers = await self.engine.list_containers({})
+        if any(normalize_id(str(c.get("ImageID", ""))) == image_id for c in containers):
+            return "a container uses it"
+        try:
+            image = await self.engine.inspect_image(image_id)
+        except NotFound:
+            self.records.forget(image_id)
+            return "already gone"
+        ours = {normalize_ref(r) for r in record.get("refs") or ()}  # a build's `:latest`
+        claimed = set(image.get("RepoTags") or ()) - ours - {"<none>:<none>"}
+        if claimed:
+            # Someone tagged it since: it is theirs too now.
+            return f"tagged {sorted(claimed)[0]} by someone else"
+        return None
+
     async def remove(self, image_id: str) -> Removal:
         """Remove an image this daemon brought, if nothing uses or claims it."""
         image_id = normalize_id(image_id)
         async with self._lock:
-            record = self.records.images.get(image_id)
-            if record is None:
-                return Removal(image_id, False, "not brought by this daemon")
-            if image_id in self.leases.values():
-                return Removal(image_id, False, "a task is about to use it")
-            containers = await self.engine.list_containers({})
-            if any(normalize_id(str(c.get("ImageID", ""))) == image_id for c in containers):
-                return Removal(image_id, False, "a container uses it")
-            try:
-                image = await self.engine.inspect_image(image_id)
-            except NotFound:
-                self.records.forget(image_id)
-                return Removal(image_id, False, "already gone")
-            ours = {normalize_ref(r) for r in record.get("refs") or ()}  # a build's `:latest`
-            claimed = set(image.get("RepoTags") or ()) - ours - {"<none>:<none>"}
-            if claimed:
-                # Someone tagged it since: it is theirs too now.
-                return Removal(image_id, False, f"tagged {sorted(claimed)[0]} by someone else")
+            reason = await self._why_kept(image_id)
+            if reason is not None:
+                return Removal(image_id, False, reason)
+            record = self.records.images.get(image_id) or {}
             try:
                 await self.engine.remove_image(image_id)
             except Conflict as exc:

@@ -220,6 +220,13 @@ class Inventory:
                 if not plan:
                     break
                 if dry_run:
+                    # The same checks the removal makes: what stays is planned around.
+                    reasons = {s.image_id: await self.images.why_kept(s.image_id) for s in plan}
+                    stays = {i: why for i, why in reasons.items() if why is not None}
+                    if stays:
+                        kept.update(stays)
+                        report.kept += [{**self._item(i, 0), "reason": w} for i, w in stays.items()]
+                        continue
                     report.removed = [self._item(s.image_id, s.freed_bytes) for s in plan]
                     report.cache_bytes_after = plan[-1].cache_bytes_after
                     return report

@@ -246,12 +246,16 @@ class TaskManager:
         """Follow BOINC's network switch; a job without network stays at "none"."""
         async with self.locked(result):
             record = self._ready(result)
-            if record.network:
-                network = await self._task_network(record)
-                if connected:
-                    await self.engine.connect_network(network, record.container_id)
-                else:
-                    await self.engine.disconnect_network(network, record.container_id)
+            if not record.network:
+                raise Conflict(
+                    f"task {result} has no network to connect or disconnect: its job did "
+                    "not ask for one (job.toml `network = true`)"
+                )
+            network = await self._task_network(record)
+            if connected:
+                await self.engine.connect_network(network, record.container_id)
+            else:
+                await self.engine.disconnect_network(network, record.container_id)
             return await self.registry.refresh(record)
 
     async def _task_network(self, record: TaskRecord) -> str:

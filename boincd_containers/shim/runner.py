@@ -18,6 +18,7 @@ that can wait for the client.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -240,6 +241,17 @@ class Runner:
     # -- the loop ----------------------------------------------------------------
 
     def run(self) -> int:
+        try:
+            return self._run()
+        except TaskFailed:
+            # A failed task is over for BOINC too: its container (created, perhaps,
+            # but never to run) goes now, not after the garbage collector's grace.
+            if self.task.get("container_id"):
+                with contextlib.suppress(TaskFailed):
+                    self._call("DELETE", f"/v1/tasks/{self.result}")
+            raise
+
+    def _run(self) -> int:
         for warning in self.job.warnings:
             say(f"job.toml: {warning}")
         if self.job.use_gpu and not self.init.uses_gpu:

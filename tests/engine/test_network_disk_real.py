@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from boincd_containers.shim.client import DaemonError
 from tests.daemon_harness import TEST_IMAGE, DaemonProcess, docker
 
 pytestmark = pytest.mark.docker
@@ -168,8 +169,11 @@ def test_a_task_without_network_stays_off_the_network(
 ) -> None:
     started = start_task(net_daemon, short_tmp, "nonet_0", "sleep 300")
     assert networks_of(started["container_id"]) == ["none"]
-    answer = net_daemon.request("POST", "/v1/tasks/nonet_0/network", {"connected": True})
-    assert answer["network_connected"] is False
+    # Asked to connect anyway: a clear refusal, not a 200 that did nothing.
+    with pytest.raises(DaemonError) as refused:
+        net_daemon.request("POST", "/v1/tasks/nonet_0/network", {"connected": True})
+    assert refused.value.status == 409
+    assert "did not ask for one" in refused.value.message
     assert networks_of(started["container_id"]) == ["none"]
 
 

@@ -136,6 +136,17 @@ async def test_a_dry_run_removes_nothing_and_shows_the_plan(rig: Rig, engine: Im
     assert rig.inventory.last_eviction is None
 
 
+async def test_the_dry_run_keeps_what_the_real_run_keeps(rig: Rig, engine: ImageEngine) -> None:
+    a, b = await rig.use("r_a", A), await rig.use("r_b", B)
+    rig.set_last_used([b, a])
+    engine._tag(b, "volunteer/mine:1")  # the volunteer tagged it: theirs too now
+    dry = await rig.inventory.evict(dry_run=True, budget_bytes=0)
+    real = await rig.inventory.evict(budget_bytes=0)
+    assert [r["id"] for r in dry.removed] == [r["id"] for r in real.removed] == [a]
+    assert [k["id"] for k in dry.kept] == [k["id"] for k in real.kept] == [b]
+    assert "volunteer/mine:1" in dry.kept[0]["reason"]
+
+
 async def test_pins_are_rebuilt_after_a_restart_from_the_containers(
     engine: ImageEngine, tmp_path: Path
 ) -> None:

@@ -337,3 +337,18 @@ def test_decode_json_takes_what_the_shim_sends() -> None:
     body = {"result": "r_0", "ncpus": 0.5, "memory_bytes": 2**40, "command": ["a"], "gpu": None}
     assert api.decode_json(json.dumps(body).encode(), "UTF-8") == body
     assert api.decode_json(json.dumps(body).encode(), None) == body
+
+
+def test_dry_runs_are_reads_anyone_on_the_socket_may_ask() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    def reads_only(method: str, url: str) -> bool:
+        return api._reads_only(make_mocked_request(method, url))
+
+    assert reads_only("POST", "/v1/gc?dry_run=1")
+    assert reads_only("POST", "/v1/images/evict?dry_run=true&budget_bytes=0")
+    assert not reads_only("POST", "/v1/gc")
+    assert not reads_only("POST", "/v1/images/evict?dry_run=0")
+    assert not reads_only("POST", "/v1/tasks?dry_run=1")
+    assert not reads_only("DELETE", "/v1/gc?dry_run=1")
+    assert reads_only("GET", "/v1/status")

@@ -87,3 +87,18 @@ def test_help_is_help_not_a_failed_task(tmp_path: Path) -> None:
     assert done.returncode == 0
     assert done.stdout.startswith("usage: boincd-shim")
     assert not (tmp_path / "boinc_finish_called").exists()
+
+
+def test_a_task_that_cannot_run_takes_its_container_with_it(tmp_path: Path) -> None:
+    daemon = FakeDaemon({"state": "created"})
+
+    def refuse_start(d: FakeDaemon, method: str, url: str, body: Any) -> None:
+        if url.endswith("/start"):
+            error = {"code": "engine", "message": "OCI runtime create failed", "retryable": False}
+            d.task.update(state="failed", error=error)
+
+    daemon.on_call = refuse_start
+    runner = make_runner(tmp_path, daemon, FakeChannel())
+    with pytest.raises(shim_runner.TaskFailed, match="OCI runtime create failed"):
+        runner.run()
+    assert ("DELETE", f"/v1/tasks/{daemon.task['result']}", None) in daemon.calls
