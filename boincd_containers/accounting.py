@@ -329,6 +329,9 @@ class DiskAccount:
         self._images_bytes = 0
         self._containers: dict[str, int] = {}
         self._volumes: dict[str, int] = {}
+        # Counts changes to images, their layers, refs and projects: what a view
+        # of the images is computed from (the status answer keeps one per version).
+        self.images_version = 0
 
     @classmethod
     def from_images(cls, images: Iterable[tuple[ImageData, Iterable[str]]]) -> DiskAccount:
@@ -342,6 +345,10 @@ class DiskAccount:
     # images
 
     def add_image(self, data: ImageData, projects: Iterable[str] = ()) -> ImageRecord:
+        self.images_version += 1
+        return self._add_image(data, projects)
+
+    def _add_image(self, data: ImageData, projects: Iterable[str] = ()) -> ImageRecord:
         """Account an image (again: a known id is replaced, keeping its projects
         when none are given)."""
         image_id = normalize_id(data.id)
@@ -389,6 +396,7 @@ class DiskAccount:
         return max(_RANK[self._images[i].sizes_from] for i in self._users[chain_id])
 
     def remove_image(self, image_id: str) -> ImageRecord | None:
+        self.images_version += 1
         record = self._images.pop(normalize_id(image_id), None)
         if record is None:
             return None
@@ -402,11 +410,13 @@ class DiskAccount:
         return record
 
     def set_projects(self, image_id: str, projects: Iterable[str]) -> None:
+        self.images_version += 1
         record = self._images[normalize_id(image_id)]
         self._images[record.id] = dataclasses.replace(record, projects=frozenset(projects))
 
     def set_refs(self, image_id: str, refs: Iterable[str]) -> None:
         """Tag and untag events change names, never layers."""
+        self.images_version += 1
         record = self._images[normalize_id(image_id)]
         self._images[record.id] = dataclasses.replace(record, refs=tuple(refs))
         self._data[record.id] = dataclasses.replace(self._data[record.id], refs=tuple(refs))

@@ -73,6 +73,8 @@ class Inventory:
         self._evict_lock = asyncio.Lock()
         self._sizes_at = 0.0
         self._backoff = 0.5  # reconnect delay; back to short once synced
+        self._images_key: tuple[Any, ...] | None = None
+        self._images_view: dict[str, Any] = {}
 
     # -- keeping the account current ---------------------------------------------
 
@@ -332,13 +334,35 @@ class Inventory:
         return projects
 
     def images_json(self) -> dict[str, Any]:
+        """The `images` section of the status answer. Its bulk (every image with
+        its bytes, projects and pins) is kept and recomputed only when what it is
+        made of changed: status is asked every second or so, images change rarely."""
         attributed = self._projects_by_image()
         for usage in self.account.images():
             wanted = frozenset(attributed.get(usage.id, ()))
             if usage.projects != wanted:
                 self.account.set_projects(usage.id, wanted)
-        pinned = self.pinned()
-        ours = self.ours()
+        pinned, ours = self.pinned(), self.ours()
+        key = (
+            self.account.images_version,
+            frozenset(pinned),
+            frozenset(ours),
+            tuple((i, r.get("last_used")) for i, r in self.images.brought.items()),
+            tuple(self.images.records.used_at.items()),
+            self.budget_bytes,
+        )
+        if key != self._images_key:
+            self._images_view = self._images_view_now(pinned, ours)
+            self._images_key = key
+        return {
+            **self._images_view,
+            "in_progress": self.images.in_progress(),
+            "last_eviction": self.last_eviction.to_json() if self.last_eviction else None,
+            "synced": self.synced and self.error is None,
+            "error": self.error,
+        }
+
+    def _images_view_now(self, pinned: set[str], ours: set[str]) -> dict[str, Any]:
         items = [
             {
                 "ref": usage.ref,
@@ -371,10 +395,6 @@ class Inventory:
                 }
                 for p in self.account.projects()
             },
-            "in_progress": self.images.in_progress(),
-            "last_eviction": self.last_eviction.to_json() if self.last_eviction else None,
-            "synced": self.synced and self.error is None,
-            "error": self.error,
         }
 
     # StatusProvider

@@ -147,6 +147,24 @@ async def test_the_dry_run_keeps_what_the_real_run_keeps(rig: Rig, engine: Image
     assert "volunteer/mine:1" in dry.kept[0]["reason"]
 
 
+async def test_the_images_view_is_kept_until_what_it_shows_changes(
+    rig: Rig, engine: ImageEngine
+) -> None:
+    await rig.use("r_a", A)
+    await rig.inventory.sync_images()
+    first, again = rig.inventory.images_json(), rig.inventory.images_json()
+    assert again["items"] is first["items"]  # nothing changed: not recomputed
+    await rig.run_task("r_b", B)  # a new image, pinned by its container
+    await rig.inventory.sync_images()
+    now = rig.inventory.images_json()
+    assert now["items"] is not first["items"]
+    pinned = {i["ref"]: i["pinned"] for i in now["items"]}
+    assert pinned[B] is True
+    assert pinned[A] is False
+    await rig.tasks.remove("r_b")
+    assert {i["ref"]: i["pinned"] for i in rig.inventory.images_json()["items"]}[B] is False
+
+
 async def test_pins_are_rebuilt_after_a_restart_from_the_containers(
     engine: ImageEngine, tmp_path: Path
 ) -> None:
