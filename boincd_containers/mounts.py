@@ -209,9 +209,14 @@ class MountTable:
 
     # -- before each start --------------------------------------------------------
 
-    def ensure(self, name: str, labels: dict[str, str]) -> None:
+    def ensure(self, name: str, container: dict[str, Any]) -> None:
         """Make the container's mount points again where they are gone (a reboot);
-        without mounts, check that its paths still lead where they led."""
+        where it was given checked paths instead, check that they still lead
+        where they led."""
+        labels = (container.get("Config") or {}).get("Labels") or {}
+        sources = {
+            str(m.get("Source")) for m in (container.get("HostConfig") or {}).get("Mounts") or []
+        }
         raw = labels.get(L.MOUNTS)
         if not raw:
             return  # made by a daemon before mount points: nothing recorded to check
@@ -220,15 +225,21 @@ class MountTable:
         except (ValueError, KeyError, TypeError) as exc:
             raise Forbidden(f"container {name}: unreadable mount record ({exc})") from None
         roots = {"slot": labels.get(L.SLOT, ""), "project": labels.get(L.PROJECT_DIR, "")}
-        present = mounted_paths() if self.bind else set()
+        present = mounted_paths()
         where = self._dir(name)
         for i, entry in enumerate(entries):
             point = where / str(i)
-            if self.bind and str(point) in present:
+            ours = str(point) in sources  # else made without mount(2): a checked path
+            if ours and str(point) in present:
                 continue
             opened = reopen(entry, roots)
             try:
-                if self.bind:
+                if ours:
+                    if not self.bind:
+                        raise Forbidden(
+                            f"container {name} needs its mount point {point} made again, "
+                            "and this daemon cannot mount"
+                        )
                     self._make_root()
                     where.mkdir(mode=0o700, exist_ok=True)
                     with contextlib.suppress(FileNotFoundError):

@@ -265,7 +265,7 @@ class TaskManager:
         """The engine resolves mount sources at start: make sure they are ours."""
         data = await self.engine.inspect_container(record.container_id)
         name = str(data.get("Name") or "").lstrip("/")
-        self.mounts.ensure(name, (data.get("Config") or {}).get("Labels") or {})
+        self.mounts.ensure(name, data)
 
     async def pause(self, result: str) -> TaskRecord:
         async with self.locked(result):

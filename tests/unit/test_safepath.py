@@ -5,6 +5,7 @@ the daemon's own mount points (mounts.py, root only)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from collections.abc import Callable
@@ -13,10 +14,11 @@ from typing import Any
 
 import pytest
 
+from boincd_containers import labels as L
 from boincd_containers.errors import BadRequest, BoincdError, Forbidden, ImageError
 from boincd_containers.image_sources import BuildContext, build_context
 from boincd_containers.images import find_archive
-from boincd_containers.mounts import Entry, MountTable, mounted_paths, reopen
+from boincd_containers.mounts import Entry, MountTable, mounted_paths, reopen, unmount
 from boincd_containers.safepath import Owner, open_path
 from boincd_containers.taskspec import check_paths, parse_request
 
@@ -298,3 +300,41 @@ def test_a_recorded_mount_is_walked_again_with_the_same_checks(dirs: dict[str, P
     slot.symlink_to(dirs["secret"])
     with pytest.raises(BoincdError, match="symbolic link"):
         reopen(entry, {"slot": str(slot)})
+
+
+@root_only
+def test_mount_points_gone_after_a_reboot_are_made_again_before_start(
+    dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    table = MountTable(tmp_path / "state")
+    table.bind = True
+    request = parse_request(body(dirs["slot"]))
+    checked = check_paths(request, peer_uid=USER)
+    try:
+        entries = checked.entries(request)
+        paths = table.prepare("boincd__p__r", entries)
+    finally:
+        checked.close()
+    container = {
+        "Config": {
+            "Labels": {
+                L.SLOT: str(dirs["slot"]),
+                L.MOUNTS: json.dumps([e.to_json() for e, _ in entries]),
+            }
+        },
+        "HostConfig": {"Mounts": [{"Source": paths[0], "Target": "/app"}]},
+    }
+    try:
+        unmount(paths[0])  # what a reboot does to it
+        table.ensure("boincd__p__r", container)
+        assert paths[0] in mounted_paths()
+        assert (Path(paths[0]) / "data").is_dir()
+        # Gone again, and the slot swapped for a link meanwhile: refused, not followed.
+        unmount(paths[0])
+        dirs["slot"].rename(dirs["slot"].with_name("moved"))
+        dirs["slot"].symlink_to(dirs["secret"])
+        with pytest.raises(Forbidden, match="symbolic link"):
+            table.ensure("boincd__p__r", container)
+        assert paths[0] not in mounted_paths()
+    finally:
+        table.release("boincd__p__r")
