@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -447,10 +447,16 @@ class Engine:
         await self._stream(f"pull {ref}", "images/create", params=params, progress=progress)
 
     async def load_image(
-        self, tarball: Path, progress: ProgressCallback | None = None
+        self,
+        tarball: Path | BinaryIO,
+        progress: ProgressCallback | None = None,
+        *,
+        name: str | None = None,
     ) -> list[str]:
-        """`docker load` of a tarball; returns the image ids/refs the engine reports."""
+        """`docker load` of a tarball (a path, or a file opened by the caller, read
+        from where it stands); returns the image ids/refs the engine reports."""
         loaded: list[str] = []
+        name = name or (tarball.name if isinstance(tarball, Path) else "archive")
 
         async def collect(line: JSON) -> None:
             stream = str(line.get("stream", ""))
@@ -464,9 +470,10 @@ class Engine:
 
         # The open file, not its bytes: aiohttp streams it (reading in a worker
         # thread), so a multi-GB archive never sits in the daemon's memory.
-        with tarball.open("rb") as fh:
+        with contextlib.ExitStack() as stack:
+            fh = stack.enter_context(tarball.open("rb")) if isinstance(tarball, Path) else tarball
             await self._stream(
-                f"load {tarball.name}",
+                f"load {name}",
                 "images/load",
                 method="POST",
                 params={"quiet": "1"},
@@ -478,12 +485,14 @@ class Engine:
 
     async def build_image(
         self,
-        context_tar: bytes,
+        context_tar: bytes | AsyncIterable[bytes],
         tag: str,
         labels: dict[str, str],
         buildargs: dict[str, str],
         progress: ProgressCallback | None = None,
     ) -> None:
+        """`docker build`; the context as bytes or, for any real one, an async
+        iterable of pieces, sent as they come (chunked): never whole in memory."""
         params = {
             "t": tag,
             "labels": json.dumps(labels),
@@ -508,7 +517,7 @@ class Engine:
         *,
         method: str = "POST",
         params: JSON | None = None,
-        body: bytes | BinaryIO | None = None,
+        body: bytes | BinaryIO | AsyncIterable[bytes] | None = None,
         headers: dict[str, str] | None = None,
         progress: ProgressCallback | None = None,
     ) -> None:

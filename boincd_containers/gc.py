@@ -112,6 +112,7 @@ class Collector:
             if not dry_run:
                 for cid in set(self._noticed) - present:
                     del self._noticed[cid]
+                await self._stale_mounts()
             await self._volumes(report, sizes)
             await self._images(report)
             if not dry_run:
@@ -184,6 +185,7 @@ class Collector:
                 return
             vol_removals = [await self._volume_removal(v, name, sizes) for v in volumes]
             await self.engine.remove_container(cid)
+            self.tasks.release_mounts(name)
             report.removed.append(removal)
             log.info("collected task container", result=result, container=cid[:12], reason=reason)
             for volume, vol_removal in zip(volumes, vol_removals, strict=True):
@@ -192,6 +194,17 @@ class Collector:
                 except NotFound:
                     report.removed.append(vol_removal)  # went with its container
             self._forget_task(result, cid)
+
+    async def _stale_mounts(self) -> None:
+        """Unmount the mount points (mounts.py) of containers gone without us: a
+        daemon killed mid-task, a container removed by hand. Kept while any
+        container of that name exists, ours or not."""
+        live = {
+            str(n).lstrip("/")
+            for c in await self.engine.list_containers({})
+            for n in c.get("Names") or []
+        }
+        self.tasks.mounts.sweep(live)
 
     async def _volume_removal(self, volume: str, container: str, sizes: _VolumeSizes) -> Removal:
         return Removal(

@@ -1,20 +1,27 @@
 """Helpers for where images come from: references, archives, build contexts,
 progress streams, and what engine errors mean for a task.
 
-Pure (no engine calls), so each is tested on its own.
+No engine calls, so each is tested on its own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import hashlib
-import io
+import inspect
 import json
+import os
 import re
+import stat
 import tarfile
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import BadRequest, BoincdError, ImageError, NotFound, Unavailable
+from .safepath import READ_DIR, Opened, Owner, open_path
 
 # Files BOINC and the shim put in a slot: never part of a build context.
 _SLOT_NOISE = ("boinc_", "init_data.xml", "stderr.txt", "job.toml", "fraction_done")
@@ -84,23 +91,29 @@ def fetch_error(exc: BoincdError, what: str) -> BoincdError:
     return ImageError(f"{what}: {detail}")
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(source: Path | BinaryIO) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with contextlib.ExitStack() as stack:
+        fh = stack.enter_context(source.open("rb")) if isinstance(source, Path) else source
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def archive_image(path: Path) -> tuple[str | None, list[str]]:
+def archive_image(source: Path | BinaryIO, name: str | None = None) -> tuple[str | None, list[str]]:
     """The image id and tags a `docker save` archive holds, without loading it.
 
     The id is the sha256 of the image's config, which the archive carries; an
     archive in another layout (OCI) gives (None, []) and is simply loaded.
     A file that is no tar at all is refused here, before the engine sees it.
     """
+    name = name or (source.name if isinstance(source, Path) else "archive")
     try:
-        with tarfile.open(path, mode="r:*") as tar:
+        with (
+            tarfile.open(source, mode="r:*")
+            if isinstance(source, Path)
+            else tarfile.open(fileobj=source, mode="r:*")
+        ) as tar:
             member = tar.extractfile("manifest.json") if "manifest.json" in tar.getnames() else None
             if member is None:
                 return None, []
@@ -114,25 +127,209 @@ def archive_image(path: Path) -> tuple[str | None, list[str]]:
             return image_id, tags
     except (tarfile.TarError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise ImageError(
-            f"image_archive {path.name} is not a `docker save` archive or is damaged: {exc}"
+            f"image_archive {name} is not a `docker save` archive or is damaged: {exc}"
         ) from None
 
 
-def build_context(slot: Path) -> bytes:
-    """A reproducible tar of the slot's build files: same files, same bytes, same hash."""
-    if not (slot / "Dockerfile").is_file():
-        raise BadRequest("the job names no image and the slot has no Dockerfile to build")
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for path in sorted(slot.rglob("*")):
-            rel = path.relative_to(slot)
-            if rel.parts[0].startswith(_SLOT_NOISE) or not path.is_file() or path.is_symlink():
+# -- build contexts ---------------------------------------------------------------------
+#
+# The root daemon reads the slot for `docker build`, and the BOINC user may
+# change the slot meanwhile (links racing into it). So the context is read
+# from the slot's descriptor down, each directory and file opened relative to
+# its parent with O_NOFOLLOW (safepath.py): links, FIFOs, devices and sockets
+# are never opened and not part of the context; a file or directory its owner
+# could not read fails the build, since root could read it. The tar is made
+# by hand (tarfile's headers, our data), one piece at a time, so it is pulled
+# by the engine request chunk by chunk from a worker thread (ContextStream):
+# memory stays at a chunk, whatever the slot holds, and the loop never blocks.
+
+CONTEXT_CAP_BYTES = 4 << 30  # without a disk bound, no bigger context than this
+CHUNK_BYTES = 1 << 20
+_MAX_DEPTH = 64
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+
+
+class BuildContext:
+    """One read of a slot's build files as a reproducible tar (same files, same
+    bytes): mtimes and owners zeroed, setuid/setgid bits dropped. Iterating it
+    yields the tar in pieces; it owns a descriptor of the slot, closed at the end."""
+
+    def __init__(self, slot: Opened, owner: Owner, cap: int = CONTEXT_CAP_BYTES) -> None:
+        self.owner = owner
+        self.cap = cap
+        self.sent = 0
+        try:
+            self._fd = slot.reopen(READ_DIR)
+        except OSError as exc:
+            raise BadRequest(f"the slot dir cannot be read: {exc.strerror}") from None
+        self._gen = self._generate()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._gen
+
+    def digest(self) -> str:
+        """The sha256 of the whole tar (a worker thread's job: it reads every file)."""
+        digest = hashlib.sha256()
+        for piece in self._gen:
+            digest.update(piece)
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        if inspect.getgeneratorstate(self._gen) == inspect.GEN_CREATED:
+            os.close(self._fd)  # its finally never runs: the descriptor is ours
+        # A generator still running in a thread (an awaiting task was cancelled)
+        # ends by itself and closes what it opened; closing its descriptors here,
+        # under it, could make it read whatever reuses their numbers.
+        with contextlib.suppress(ValueError):
+            self._gen.close()
+
+    def _count(self, piece: bytes) -> bytes:
+        self.sent += len(piece)
+        if self.sent > self.cap:
+            raise ImageError(
+                f"the slot's build context is larger than {human_bytes(self.cap)} "
+                "(the task's disk bound): not built"
+            )
+        return piece
+
+    def _generate(self) -> Generator[bytes, None, None]:
+        try:
+            try:
+                st = os.stat("Dockerfile", dir_fd=self._fd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                raise BadRequest("the job names no image and the slot has no Dockerfile to build")
+            for piece in self._dir(self._fd, "", 0):
+                yield self._count(piece)
+            end = 2 * _BLOCK
+            end += (-(self.sent + end)) % _RECORD
+            yield self._count(b"\0" * end)
+        except OSError as exc:
+            raise ImageError(
+                f"the slot's build files cannot be read: {exc}", retryable=True
+            ) from None
+        finally:
+            os.close(self._fd)
+
+    def _dir(self, dir_fd: int, prefix: str, depth: int) -> Iterator[bytes]:
+        if depth > _MAX_DEPTH:
+            raise ImageError(f"build context: {prefix} is nested more than {_MAX_DEPTH} deep")
+        for name in sorted(os.listdir(dir_fd)):
+            if not prefix and name.startswith(_SLOT_NOISE):
                 continue
-            info = tar.gettarinfo(str(path), arcname=str(rel))
+            rel = prefix + name
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # gone meanwhile
+            if stat.S_ISDIR(st.st_mode):
+                if not self.owner.may(st, 5):
+                    raise ImageError(f"build context: {rel}/ is not readable by the slot's owner")
+                try:
+                    sub = os.open(name, READ_DIR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        continue  # a link now: never followed
+                    raise
+                try:
+                    yield from self._dir(sub, rel + "/", depth + 1)
+                finally:
+                    os.close(sub)
+            elif stat.S_ISREG(st.st_mode):
+                yield from self._file(dir_fd, name, rel)
+            # Links, FIFOs, devices, sockets: not part of a build context.
+
+    def _file(self, dir_fd: int, name: str, rel: str) -> Iterator[bytes]:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return  # swapped for a link after the lstat: never followed
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return
+            if not self.owner.may(st, 4):
+                raise ImageError(f"build context: {rel} is not readable by the slot's owner")
+            info = tarfile.TarInfo(rel)
+            info.size, info.mode = st.st_size, stat.S_IMODE(st.st_mode) & ~0o6000
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-            with path.open("rb") as fh:
-                tar.addfile(info, fh)
-    return buffer.getvalue()
+            yield info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+            left = st.st_size
+            while left:
+                piece = os.read(fd, min(CHUNK_BYTES, left))
+                if not piece:
+                    raise ImageError(
+                        f"build context: {rel} shrank while it was read; try again",
+                        retryable=True,
+                    )
+                left -= len(piece)
+                yield piece
+            yield b"\0" * (-st.st_size % _BLOCK)
+        finally:
+            os.close(fd)
+
+
+class ContextStream:
+    """A build context as an async request body: each piece read in a worker
+    thread, hashed as it goes. `error` keeps what stopped it, since the engine
+    request then fails with a mere broken connection."""
+
+    def __init__(self, context: BuildContext) -> None:
+        self.context = context
+        self._pieces = iter(context)
+        self._hash = hashlib.sha256()
+        self.error: BaseException | None = None
+
+    def __aiter__(self) -> ContextStream:
+        return self
+
+    def _batch(self) -> bytes:
+        out = bytearray()
+        for piece in self._pieces:
+            out += piece
+            if len(out) >= CHUNK_BYTES:
+                break
+        return bytes(out)
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await asyncio.to_thread(self._batch)
+        except Exception as exc:
+            self.error = exc
+            raise
+        if not chunk:
+            raise StopAsyncIteration
+        self._hash.update(chunk)
+        return chunk
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def build_context(slot: Path | Opened, owner: Owner | None = None) -> bytes:
+    """The whole context in memory: for tests and small slots only."""
+    opened = open_path(str(slot), "slot dir") if isinstance(slot, Path) else slot
+    try:
+        context = BuildContext(opened, owner or Owner.of(opened.st.st_uid, opened.st.st_gid))
+        try:
+            return b"".join(context)
+        finally:
+            context.close()
+    finally:
+        if opened is not slot:
+            opened.close()
 
 
 def human_bytes(n: float) -> str:

@@ -16,13 +16,13 @@ container (a lease). Everything else on the engine is the volunteer's.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import labels as L
 from .accounting import normalize_id
@@ -38,7 +38,10 @@ from .errors import (
 )
 from .image_records import ImageRecords
 from .image_sources import (
+    CONTEXT_CAP_BYTES,
+    BuildContext,
     BuildTracker,
+    ContextStream,
     PullProgress,
     archive_image,
     build_context,
@@ -47,7 +50,8 @@ from .image_sources import (
     sha256_file,
 )
 from .log import get_logger
-from .taskspec import TaskRequest
+from .safepath import READ_FILE, Opened, UnsafePath, inside, open_beneath
+from .taskspec import CheckedPaths, TaskRequest, check_paths
 
 log = get_logger(__name__)
 
@@ -116,10 +120,32 @@ class ImageCache:
 
     # -- resolving ----------------------------------------------------------------
 
-    async def ensure(self, request: TaskRequest, progress: Progress | None = None) -> Resolved:
-        """The image for this task, present and leased to it until `release(result)`."""
+    async def ensure(
+        self,
+        request: TaskRequest,
+        progress: Progress | None = None,
+        *,
+        paths: CheckedPaths | None = None,
+    ) -> Resolved:
+        """The image for this task, present and leased to it until `release(result)`.
+
+        `paths`: the task's checked slot and project dirs (taskspec.check_paths),
+        which builds and archives are read from; without them they are opened here.
+        """
+        own = paths is None
+        if paths is None:
+            paths = check_paths(request, peer_uid=0)
+        try:
+            return await self._ensure(request, progress, paths)
+        finally:
+            if own:
+                paths.close()
+
+    async def _ensure(
+        self, request: TaskRequest, progress: Progress | None, paths: CheckedPaths
+    ) -> Resolved:
         for _ in range(3):
-            resolved = await self._resolve(request, progress)
+            resolved = await self._resolve(request, progress, paths)
             async with self._lock:
                 if await self._present(resolved.id):
                     self.leases[request.result] = resolved.id
@@ -142,13 +168,21 @@ class ImageCache:
         image = await self._inspect(ref)
         return None if image is None else normalize_id(str(image["Id"]))
 
-    async def _resolve(self, request: TaskRequest, progress: Progress | None) -> Resolved:
+    async def _resolve(
+        self, request: TaskRequest, progress: Progress | None, paths: CheckedPaths
+    ) -> Resolved:
         if request.image_archive:
-            return await self._from_archive(request, progress)
+            return await self._from_archive(request, progress, paths)
         if request.image:
             return await self._from_registry(normalize_ref(request.image), request, progress)
-        context = build_context(Path(request.slot_dir))
-        digest = hashlib.sha256(context).hexdigest()[:16]
+        cap = request.disk_bytes or CONTEXT_CAP_BYTES
+        # Hashed in a worker thread (it reads every file): the tag names the content.
+        context = BuildContext(paths.slot, paths.owner, cap)
+        try:
+            full_digest = await asyncio.to_thread(context.digest)
+        finally:
+            context.close()
+        digest = full_digest[:16]
         tag = L.built_image_name(request.project, digest)
         image = await self._inspect(tag)
         if image is not None:
@@ -160,11 +194,17 @@ class ImageCache:
             return Resolved(tag, image_id)
         if not request.allow_fetch:
             raise _suspended(f"image {tag} must be built")
+        # The build reads the slot again, later, maybe after this task is gone:
+        # from a context opened now on the checked slot, which the build owns.
+        if f"build:{tag}" in self._inflight:
+            build = None
+        else:
+            build = ContextStream(BuildContext(paths.slot, paths.owner, cap))
         image_id = await self._single_flight(
             f"build:{tag}",
             request.result,
             progress,
-            lambda key: self._build(context, tag, request, key),
+            lambda key: self._build(build, full_digest, tag, request, key),
         )
         return Resolved(tag, image_id)
 
@@ -296,23 +336,20 @@ class ImageCache:
 
     # -- load ---------------------------------------------------------------------
 
-    def _find_archive(self, request: TaskRequest) -> Path:
-        """A name in the slot or project dir, or an absolute path inside one of them."""
-        name = request.image_archive or ""
-        roots = [Path(d).resolve() for d in (request.slot_dir, request.project_dir) if d]
-        candidates = [Path(name)] if os.path.isabs(name) else [r / name for r in roots]
-        for candidate in candidates:
-            real = candidate.resolve()
-            if not any(real == r or r in real.parents for r in roots):
-                raise BadRequest(f"image_archive {name!r} is outside the slot and project dirs")
-            if real.is_file():
-                return real
-        raise ImageError(f"image_archive {name!r} is in neither the slot nor the project dir")
+    async def _from_archive(
+        self, request: TaskRequest, progress: Progress | None, paths: CheckedPaths
+    ) -> Resolved:
+        archive = find_archive(request, paths)
+        try:
+            return await self._archive(archive, request, progress)
+        finally:
+            archive.close()
 
-    async def _from_archive(self, request: TaskRequest, progress: Progress | None) -> Resolved:
-        archive = self._find_archive(request)
+    async def _archive(
+        self, archive: Archive, request: TaskRequest, progress: Progress | None
+    ) -> Resolved:
         if request.image_digest:
-            digest = await asyncio.to_thread(sha256_file, archive)
+            digest = await asyncio.to_thread(sha256_file, archive.open())
             expected = request.image_digest.removeprefix("sha256:").lower()
             if digest != expected:
                 raise ImageError(
@@ -321,38 +358,61 @@ class ImageCache:
                 )
         # The image id is the hash of the archive's config: an image already here
         # is not loaded again, whichever slot's copy of the archive a task brings.
-        image_id, tags = await asyncio.to_thread(archive_image, archive)
+        image_id, tags = await asyncio.to_thread(archive_image, archive.open(), archive.name)
         ref = tags[0] if tags else image_id or archive.name
         if image_id and await self._present(image_id):
             return Resolved(ref, image_id)
+        key = f"load:{image_id or archive.path}"
+        # The load may outlive this task: it reads its own descriptor of the file.
+        body = None if key in self._inflight else archive.open()
         loaded_id = await self._single_flight(
-            f"load:{image_id or archive}",
+            key,
             request.result,
             progress,
-            lambda key: self._load(archive, image_id, ref, key),
+            lambda key: self._load(body, archive.name, image_id, ref, key),
         )
         return Resolved(ref, loaded_id)
 
-    async def _load(self, archive: Path, image_id: str | None, ref: str, key: str) -> str:
-        self._report(key, f"loading {archive.name}")
-        log.info("loading image archive", archive=str(archive))
+    async def _load(
+        self, body: BinaryIO | None, name: str, image_id: str | None, ref: str, key: str
+    ) -> str:
+        assert body is not None  # the first task of a flight opened it
+        self._report(key, f"loading {name}")
+        log.info("loading image archive", archive=name)
         self.operations += 1
         try:
-            loaded = await self.engine.load_image(archive)
+            with body:
+                loaded = await self.engine.load_image(body, name=name)
         except BoincdError as exc:
-            raise self._failed(exc, f"image_archive {archive.name} could not be loaded") from exc
+            raise self._failed(exc, f"image_archive {name} could not be loaded") from exc
         found = image_id
         if found is None and loaded:  # an archive in another layout: ask the engine
             found = await self._present(loaded[0])
         if found is None:
-            raise ImageError(f"image_archive {archive.name}: the engine loaded no image from it")
+            raise ImageError(f"image_archive {name}: the engine loaded no image from it")
         self.records.bring(found, ref, "load")
         self._changed()
         return found
 
     # -- build --------------------------------------------------------------------
 
-    async def _build(self, context: bytes, tag: str, request: TaskRequest, key: str) -> str:
+    async def _build(
+        self,
+        context: ContextStream | None,
+        digest: str,
+        tag: str,
+        request: TaskRequest,
+        key: str,
+    ) -> str:
+        assert context is not None  # the first task of a flight opened it
+        try:
+            return await self._build_from(context, digest, tag, request, key)
+        finally:
+            context.close()
+
+    async def _build_from(
+        self, context: ContextStream, digest: str, tag: str, request: TaskRequest, key: str
+    ) -> str:
         self.operations += 1
         tracker = BuildTracker()
 
@@ -364,7 +424,22 @@ class ImageCache:
         labels = {L.OWNER: self.owner_id, L.PROJECT: request.project}
         log.info("building image", image=tag, result=request.result)
         try:
-            await self.engine.build_image(context, tag, labels, request.build_args, on_line)
+            try:
+                await self.engine.build_image(context, tag, labels, request.build_args, on_line)
+            except BoincdError as exc:
+                # Our own reading stopped the request: say why, not "connection lost".
+                if isinstance(context.error, BoincdError):
+                    raise context.error from exc
+                raise
+            sent = context.hexdigest()
+            if sent != digest:
+                # The files changed between hashing and sending (the app still
+                # writing): name the image by what it was really built from.
+                final = L.built_image_name(request.project, sent[:16])
+                await self.engine.tag_image(tag, f"{final}:latest")
+                await self.engine.remove_image(tag)  # an untag: the new name stays
+                log.info("build files changed while sent; image named by them", image=final)
+                tag = final
             image_id = await self._present(tag)
             if image_id is None:
                 raise ImageError(f"build {tag}: the engine reports success but has no such image")
@@ -458,3 +533,66 @@ def _suspended(what: str) -> NetworkSuspended:
     return NetworkSuspended(
         f"{what} and BOINC has network activity suspended: the task waits for the network"
     )
+
+
+class Archive:
+    """An image archive found in a slot or project dir, opened once (safepath.py):
+    every read of it, the engine's load too, is of that very file."""
+
+    def __init__(self, name: str, opened: Opened) -> None:
+        self.name = name
+        self.path = opened.path
+        self._opened = opened
+
+    def open(self) -> BinaryIO:
+        """A reader of its own, from the start (the same file, an independent offset)."""
+        return os.fdopen(self._opened.reopen(READ_FILE & ~os.O_NONBLOCK), "rb")
+
+    def close(self) -> None:
+        self._opened.close()
+
+
+def find_archive(request: TaskRequest, paths: CheckedPaths) -> Archive:
+    """A name in the slot or project dir, or an absolute path inside one of them;
+    a regular file its owner could read, reached with no link on the way."""
+    name = request.image_archive or ""
+    roots = [(paths.slot, request.slot_dir)]
+    if paths.project is not None and request.project_dir:
+        roots.append((paths.project, request.project_dir))
+    if os.path.isabs(name):
+        candidates = [
+            (root, rel)
+            for root, given in roots
+            for rel in {inside(name, given), inside(name, root.path)}
+            if rel is not None
+        ]
+        if not candidates:
+            raise BadRequest(f"image_archive {name!r} is outside the slot and project dirs")
+    else:
+        candidates = [(root, name) for root, _ in roots]
+    for root, rel in candidates:
+        try:
+            opened = open_beneath(root, rel, "image_archive", shown=repr(name))
+        except UnsafePath:
+            raise BadRequest(
+                f"image_archive {name!r} is outside the slot and project dirs"
+            ) from None
+        except BadRequest:
+            continue  # not in this one
+        try:
+            fd = opened.reopen(READ_FILE)
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            opened.close()
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            opened.close()
+            continue
+        if not paths.owner.may(st, 4):
+            opened.close()
+            raise BadRequest(f"image_archive {name!r} is not readable by the slot's owner")
+        return Archive(os.path.basename(rel) or name, opened)
+    raise ImageError(f"image_archive {name!r} is in neither the slot nor the project dir")

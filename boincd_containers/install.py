@@ -97,24 +97,19 @@ ConfigurationDirectoryMode=0755
 # the defaults are the directories above, and an environment value would
 # override the config file.
 
-# Hardening. Connecting to a Unix socket needs no write access to its file
-# system, so the engine socket works under ProtectSystem=strict; it must not be
-# listed in ReadWritePaths=, which would pin the socket file the engine had at
-# our start and break when the engine restarts and makes a new one.
+# Hardening, within one constraint: the daemon must live in the host's mount
+# namespace. It bind-mounts each task's checked slot (and project dir, and
+# `mount` sources) onto /var/lib/boincd-containers/mounts/ and gives the engine
+# that path, which the BOINC user cannot swap for a symbolic link (mounts.py,
+# as Kubernetes' fix for CVE-2017-1002101). Mounts made in a namespace of the
+# unit's own never reach dockerd (systemd makes such a namespace a slave, and
+# MountFlags=shared does not undo that), so no option here may create one:
+# no ProtectSystem=, ProtectHome=, PrivateTmp=, PrivateDevices=, ReadOnlyPaths=,
+# ProtectKernelTunables=, ProtectKernelModules=, ProtectKernelLogs=,
+# ProtectControlGroups=, ProtectHostname=. What they guarded is guarded
+# anyway: a daemon that may use the engine's socket is root in all but name.
 NoNewPrivileges=yes
-ProtectSystem=strict
-# read-only, not yes: a BOINC data directory may live under /home.
-ProtectHome=read-only
-PrivateTmp=yes
-# No PrivateDevices=: GPU inventory (NVML) opens /dev/nvidia*.
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-# Read-only /sys/fs/cgroup: the daemon only reads container cgroups; the engine
-# applies limits.
-ProtectControlGroups=yes
 ProtectClock=yes
-ProtectHostname=yes
 RestrictNamespaces=yes
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
@@ -123,9 +118,11 @@ SystemCallArchitectures=native
 # AF_UNIX: engine, our socket, sd_notify; AF_INET*: a tcp:// DOCKER_HOST;
 # AF_NETLINK: interface statistics.
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
-# Reading slot dirs and /proc of task processes owned by the BOINC user, and
-# fixing ownership of files a container left in the slot; nothing else.
+# Reading slot dirs and /proc of task processes owned by the BOINC user,
+# fixing ownership of files a container left in the slot, and bind-mounting
+# the checked task dirs (mount(2)); nothing else. Repeated lines add up.
 CapabilityBoundingSet=CAP_CHOWN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_SYS_PTRACE
+CapabilityBoundingSet=CAP_SYS_ADMIN
 
 [Install]
 WantedBy=multi-user.target

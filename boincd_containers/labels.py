@@ -22,6 +22,7 @@ GPUS = f"{PREFIX}.gpus"
 GPU_USAGE = f"{PREFIX}.gpu_usage"
 DISK_BOUND = f"{PREFIX}.disk_bound"
 MEMORY_BOUND = f"{PREFIX}.memory_bound"
+MOUNTS = f"{PREFIX}.mounts"  # how the mount points are made again (mounts.py)
 # Limits the engine could not apply ("cpu,memory,pids") and what that means, in words.
 UNENFORCED = f"{PREFIX}.unenforced"
 WARNINGS = f"{PREFIX}.warnings"

@@ -7,6 +7,7 @@ retries after a lost answer, an abort and the garbage collector never race.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -19,10 +20,11 @@ from .engine import Engine
 from .errors import BoincdError, Conflict, NotFound
 from .images import ImageCache
 from .log import get_logger
+from .mounts import MountTable
 from .persist import PersistentSet
 from .registry import Registry, TaskRecord
 from .settings import Settings
-from .taskspec import TaskRequest, check_paths, container_config
+from .taskspec import CheckedPaths, HostPaths, TaskRequest, check_paths, container_config
 
 if TYPE_CHECKING:
     from .gpus import GpuService
@@ -55,6 +57,7 @@ class TaskManager:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._preparing: dict[str, asyncio.Task[None]] = {}
         self.detached = PersistentSet(Path(settings.state_dir) / "detached.json")
+        self.mounts = MountTable(Path(settings.state_dir))
         registry.detached = self.detached
 
     @asynccontextmanager
@@ -71,16 +74,25 @@ class TaskManager:
         background so the shim keeps answering the BOINC client meanwhile; the
         shim polls the record until it leaves the "preparing" state.
         """
-        uid, gid = check_paths(request, peer_uid)
+        paths = check_paths(request, peer_uid)
+        try:
+            return await self._create_or_attach(request, paths)
+        except BaseException:
+            paths.close()
+            raise
+
+    async def _create_or_attach(self, request: TaskRequest, paths: CheckedPaths) -> TaskRecord:
         async with self.locked(request.result):
             record = self.registry.tasks.get(request.result)
             if record is not None and record.state not in ("failed", "waiting"):
                 record.last_seen = time.time()
                 record.shim_priority = request.priority or record.shim_priority
+                paths.close()
                 return record
             existing = await self._find_by_name(request)
             if existing is not None:
                 existing.shim_priority = request.priority
+                paths.close()
                 return existing
             record = TaskRecord(
                 request.result,
@@ -89,9 +101,11 @@ class TaskManager:
                 shim_priority=request.priority,
             )
             self.registry.tasks[request.result] = record
-            task = asyncio.ensure_future(self._prepare(record, request, uid, gid))
+            task = asyncio.ensure_future(self._prepare(record, request, paths))
             self._preparing[request.result] = task
             task.add_done_callback(lambda _: self._preparing.pop(request.result, None))
+            # Also when cancelled before it ran (an abort at once): its finally never ran.
+            task.add_done_callback(lambda _: self._prepared(request.name, paths))
             return record
 
     async def _find_by_name(self, request: TaskRequest) -> TaskRecord | None:
@@ -132,20 +146,34 @@ class TaskManager:
             return str(data["Id"])
         return None
 
-    async def _prepare(self, record: TaskRecord, request: TaskRequest, uid: int, gid: int) -> None:
+    def _host_paths(self, request: TaskRequest, paths: CheckedPaths) -> HostPaths:
+        """Mount points of the checked descriptors (mounts.py): what the engine mounts."""
+        entries = paths.entries(request)
+        where = self.mounts.prepare(request.name, entries)
+        project = where[1] if paths.project is not None and request.project_dir_mount else None
+        return HostPaths(
+            slot=where[0],
+            project=project,
+            mounts=tuple(where[len(where) - len(paths.sources) :]),
+            slot_label=paths.slot.path,
+            record=json.dumps([e.to_json() for e, _ in entries], separators=(",", ":")),
+        )
+
+    async def _prepare(self, record: TaskRecord, request: TaskRequest, paths: CheckedPaths) -> None:
         def progress(text: str) -> None:
             record.progress = text
 
         try:
-            image = await self.images.ensure(request, progress)
+            image = await self.images.ensure(request, progress, paths=paths)
             config = container_config(
                 request,
                 image.ref,
                 owner_id=self.registry.instance_id,
-                uid=uid,
-                gid=gid,
+                uid=paths.owner.uid,
+                gid=paths.owner.gid,
                 pids_limit=self.settings.pids_limit,
                 network_name=self.settings.network_name,
+                host_paths=self._host_paths(request, paths),
             )
             # From the id resolved now: when the tag moves on, this task keeps its image.
             config["Image"] = image.id
@@ -181,6 +209,20 @@ class TaskManager:
         finally:
             # The container (if any) pins the image from now on.
             self.images.release(request.result)
+            paths.close()
+            self.mounts.created(request.name)
+            if not record.container_id:
+                self.release_mounts(request.name)
+
+    def _prepared(self, name: str, paths: CheckedPaths) -> None:
+        paths.close()
+        self.mounts.created(name)
+
+    def release_mounts(self, name: str) -> None:
+        try:
+            self.mounts.release(name)
+        except OSError as exc:  # the next GC pass tries again
+            log.warning("cannot release task mounts", container=name, error=str(exc))
 
     # -- verbs ------------------------------------------------------------------
 
@@ -209,6 +251,7 @@ class TaskManager:
                         reboot=record.interrupted_by_reboot,
                         killed_while_detached=record.killed_while_detached,
                     )
+                await self._ensure_mounts(record)
                 await self.engine.start_container(record.container_id)
                 self.detached.discard(result)
             elif record.state == "paused":
@@ -217,6 +260,12 @@ class TaskManager:
             if self.on_start is not None and record.state == "running":
                 self.on_start(record)
             return record
+
+    async def _ensure_mounts(self, record: TaskRecord) -> None:
+        """The engine resolves mount sources at start: make sure they are ours."""
+        data = await self.engine.inspect_container(record.container_id)
+        name = str(data.get("Name") or "").lstrip("/")
+        self.mounts.ensure(name, data)
 
     async def pause(self, result: str) -> TaskRecord:
         async with self.locked(result):
@@ -279,6 +328,7 @@ class TaskManager:
             record = self.registry.tasks.pop(result, None)
             if record is not None and record.container_id:
                 await self.engine.remove_container(record.container_id)
+                self.release_mounts(L.container_name(record.project, record.result))
             if self.gpus is not None:
                 self.gpus.release(result)
             self.detached.discard(result)

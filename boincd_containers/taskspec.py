@@ -8,14 +8,15 @@ paths inside its own slot and project dirs, owned by the caller.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 from . import labels as L
 from .errors import BadRequest, Forbidden
+from .mounts import Entry
 from .priority import Priority
+from .safepath import Opened, Owner, inside, open_beneath, open_path
 
 MIN_MEMORY_BYTES = 6 * 1024 * 1024  # the engines refuse less
 
@@ -287,42 +288,114 @@ def _priority(body: dict[str, Any] | None) -> Priority | None:
         raise BadRequest(f"'priority': {exc}") from None
 
 
-def _inside(path: Path, roots: list[Path]) -> bool:
-    return any(path == root or root in path.parents for root in roots)
+@dataclass(frozen=True, slots=True)
+class HostPaths:
+    """Where the engine finds each bind mount's source (mounts.py: mount points of
+    the daemon's own, or the checked paths), and the checked slot dir for labels."""
+
+    slot: str
+    project: str | None
+    mounts: tuple[str, ...]
+    slot_label: str
+    record: str  # JSON: how to make the mount points again (labels.MOUNTS)
 
 
-def check_paths(request: TaskRequest, peer_uid: int) -> tuple[int, int]:
-    """Check the host paths and return the slot owner's (uid, gid) to run the container as.
+@dataclass(slots=True)
+class CheckedPaths:
+    """What check_paths opened and checked. The container is made from these
+    descriptors, never from the request's strings again: those the BOINC user can
+    re-point at any time (safepath.py). Close it when done."""
+
+    owner: Owner  # the slot's owner: the container runs as this uid:gid
+    slot: Opened
+    project: Opened | None = None
+    # (mount, "slot" or "project", path inside that root, opened source)
+    sources: list[tuple[Mount, str, str, Opened]] = field(default_factory=list)
+    root_owner: int = -1  # the uid slot and project must still have (-1: caller root)
+
+    @property
+    def ids(self) -> tuple[int, int]:
+        return self.owner.uid, self.owner.gid
+
+    def entries(self, request: TaskRequest) -> list[tuple[Entry, Opened]]:
+        """Every host path of the container in order: slot, project dir, mounts."""
+
+        def entry(root: str, rel: str, opened: Opened) -> Entry:
+            return Entry(root, rel, self.root_owner, opened.identity, opened.is_dir)
+
+        out = [(entry("slot", "", self.slot), self.slot)]
+        if self.project is not None and request.project_dir_mount:
+            out.append((entry("project", "", self.project), self.project))
+        out += [(entry(root, rel, o), o) for _, root, rel, o in self.sources]
+        return out
+
+    def close(self) -> None:
+        for opened in [self.slot, self.project, *(s[3] for s in self.sources)]:
+            if opened is not None:
+                opened.close()
+
+
+def _source_root(source: str, roots: dict[str, list[str]]) -> tuple[str, str] | None:
+    """("slot" or "project", the rest) for an absolute source lexically under a root."""
+    for kind, spellings in roots.items():
+        for spelling in spellings:
+            rel = inside(source, spelling)
+            if rel is not None:
+                return kind, rel
+    return None
+
+
+def check_paths(request: TaskRequest, peer_uid: int) -> CheckedPaths:
+    """Open and check the host paths; the slot owner's (uid, gid) runs the container.
 
     A non-root caller must own the slot (and project) dir: otherwise any user
     allowed on the socket could have the root daemon mount someone else's files.
+    Each path is opened once (safepath.py) and judged by its descriptor.
     """
-    slot = Path(request.slot_dir)
-    if not slot.is_absolute():
-        raise BadRequest(f"slot dir {slot} must be an absolute path")
+    slot = open_path(request.slot_dir, "slot dir")
+    checked = CheckedPaths(Owner.of(slot.st.st_uid, slot.st.st_gid), slot)
     try:
-        st = slot.lstat()
-    except OSError as exc:
-        raise BadRequest(f"slot dir {slot} is not usable: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise BadRequest(f"slot dir {slot} is not a directory")
-    if peer_uid != 0 and st.st_uid != peer_uid:
-        raise Forbidden(f"slot dir {slot} is not owned by the calling user (uid {peer_uid})")
-    roots = [slot.resolve()]
-    if request.project_dir:
-        project_dir = Path(request.project_dir)
-        if not project_dir.is_absolute() or not project_dir.is_dir():
-            raise BadRequest(f"project dir {project_dir} is not an existing absolute directory")
-        if peer_uid != 0 and project_dir.stat().st_uid != peer_uid:
-            raise Forbidden(f"project dir {project_dir} is not owned by the calling user")
-        roots.append(project_dir.resolve())
-    for mount in request.mounts:
-        source = Path(mount.source)
-        if not source.is_absolute():
-            source = slot / source
-        if not _inside(source.resolve(), roots):
-            raise Forbidden(f"mount source {mount.source} is outside the slot and project dirs")
-    return st.st_uid, st.st_gid
+        if not slot.is_dir:
+            raise BadRequest(f"slot dir {request.slot_dir} is not a directory")
+        if peer_uid != 0 and slot.st.st_uid != peer_uid:
+            raise Forbidden(
+                f"slot dir {request.slot_dir} is not owned by the calling user (uid {peer_uid})"
+            )
+        checked.root_owner = -1 if peer_uid == 0 else peer_uid
+        roots = {"slot": [request.slot_dir, slot.path]}
+        if request.project_dir:
+            project_dir = request.project_dir
+            if not os.path.isabs(project_dir):
+                raise BadRequest(f"project dir {project_dir} is not an existing absolute directory")
+            try:
+                checked.project = open_path(project_dir, "project dir")
+            except BadRequest:
+                raise BadRequest(
+                    f"project dir {project_dir} is not an existing absolute directory"
+                ) from None
+            if not checked.project.is_dir:
+                raise BadRequest(f"project dir {project_dir} is not an existing absolute directory")
+            if peer_uid != 0 and checked.project.st.st_uid != peer_uid:
+                raise Forbidden(f"project dir {project_dir} is not owned by the calling user")
+            roots["project"] = [project_dir, checked.project.path]
+        for mount in request.mounts:
+            if os.path.isabs(mount.source):
+                where = _source_root(mount.source, roots)
+                if where is None:
+                    raise Forbidden(
+                        f"mount source {mount.source} is outside the slot and project dirs"
+                    )
+                kind, rel = where
+            else:
+                kind, rel = "slot", mount.source
+            root = checked.slot if kind == "slot" else checked.project
+            assert root is not None
+            opened = open_beneath(root, rel, "mount source", shown=mount.source)
+            checked.sources.append((mount, kind, rel, opened))
+        return checked
+    except BaseException:
+        checked.close()
+        raise
 
 
 def container_config(
@@ -334,30 +407,40 @@ def container_config(
     gid: int,
     pids_limit: int,
     network_name: str,
+    host_paths: HostPaths | None = None,
 ) -> dict[str, Any]:
-    """The Engine API create body: locked down by default, loosened only where the job asks."""
-    slot = os.path.realpath(request.slot_dir)
+    """The Engine API create body: locked down by default, loosened only where the job asks.
+
+    `host_paths` are what the engine mounts (TaskManager always passes them:
+    mount points made from check_paths' descriptors); without them, the
+    request's own paths, as they are, for tests of the rest of the body.
+    """
+    host = host_paths or HostPaths(
+        request.slot_dir,
+        request.project_dir,
+        tuple(
+            m.source if os.path.isabs(m.source) else os.path.join(request.slot_dir, m.source)
+            for m in request.mounts
+        ),
+        request.slot_dir,
+        "",
+    )
+    slot = host.slot_label
     mounts: list[dict[str, Any]] = [
-        {"Type": "bind", "Source": slot, "Target": request.workdir, "ReadOnly": False}
+        {"Type": "bind", "Source": host.slot, "Target": request.workdir, "ReadOnly": False}
     ]
-    if request.project_dir and request.project_dir_mount:
+    if host.project and request.project_dir_mount:
         mounts.append(
             {
                 "Type": "bind",
-                "Source": os.path.realpath(request.project_dir),
+                "Source": host.project,
                 "Target": request.project_dir_mount,
                 "ReadOnly": True,
             }
         )
-    for mount in request.mounts:
-        source = mount.source if os.path.isabs(mount.source) else os.path.join(slot, mount.source)
+    for mount, source in zip(request.mounts, host.mounts, strict=True):
         mounts.append(
-            {
-                "Type": "bind",
-                "Source": os.path.realpath(source),
-                "Target": mount.target,
-                "ReadOnly": mount.read_only,
-            }
+            {"Type": "bind", "Source": source, "Target": mount.target, "ReadOnly": mount.read_only}
         )
     host_config: dict[str, Any] = {
         "Mounts": mounts,
@@ -389,6 +472,7 @@ def container_config(
         L.NETWORK: "1" if request.network else "0",
         L.DISK_BOUND: str(request.disk_bytes),
         L.MEMORY_BOUND: str(request.memory_bytes),
+        **({L.MOUNTS: host.record} if host.record else {}),
         **(request.priority.labels() if request.priority else {}),
     }
     config: dict[str, Any] = {

@@ -78,7 +78,20 @@ def short_tmp() -> Iterator[Path]:
     try:
         yield path
     finally:
+        _unmount_under(path)
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _unmount_under(path: Path) -> None:
+    """A daemon killed by a test leaves its task mount points (mounts.py) under its
+    state dir: unmount them, deepest first, before removing the test's files."""
+    if os.geteuid() != 0:
+        return
+    from boincd_containers.mounts import mounted_paths, unmount
+
+    prefix = f"{path}/"
+    for point in sorted((p for p in mounted_paths() if p.startswith(prefix)), reverse=True):
+        unmount(point)
 
 
 @pytest.fixture

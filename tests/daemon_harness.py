@@ -164,6 +164,18 @@ class DaemonProcess:
         volumes = cli("volume", "ls", "-q", "--filter", label, check=False).split()
         if volumes:
             cli("volume", "rm", "-f", *volumes, check=False)
+        self.release_mounts()
+
+    def release_mounts(self) -> None:
+        """Unmount the daemon's task mount points (mounts.py): a killed daemon leaves
+        them, and removing the test dir would otherwise reach into the slots."""
+        root = Path(self.state_dir) / "mounts"
+        if root.is_dir() and os.geteuid() == 0:
+            from boincd_containers.mounts import MountTable
+
+            table = MountTable(Path(self.state_dir))
+            for name in os.listdir(root):
+                table.release(name)
 
 
 def container_state(container_id: str, engine: EngineCli | None = None) -> dict[str, Any]:

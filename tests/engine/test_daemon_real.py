@@ -76,7 +76,11 @@ def test_container_gets_limits_labels_mounts_and_user(
     assert labels[L.PROJECT] == "test.example.org_proj"
     assert labels[L.SLOT] == str(slot.resolve())
     mounts = {m["Destination"]: m for m in data["Mounts"]}
-    assert mounts["/app"]["Source"] == str(slot.resolve())
+    # The daemon's own mount point of the checked slot (mounts.py), never the
+    # BOINC user's path, which the engine would resolve again at start.
+    source = mounts["/app"]["Source"]
+    assert source.startswith(f"{daemon.state_dir}/mounts/"), source
+    assert os.stat(source).st_ino == slot.stat().st_ino
     assert mounts["/app"]["RW"] is True
     assert mounts["/project"]["RW"] is False
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from boincd_containers.errors import BoincdError, Conflict, ImageError, NotFound
@@ -153,14 +152,14 @@ class ImageEngine(FakeEngine):
         self._event("delete", data["Id"])
         return [{"Deleted": data["Id"]}]
 
-    async def load_image(self, tarball: Path, progress: Any = None) -> list[str]:
+    async def load_image(self, tarball: Any, progress: Any = None, *, name: str = "") -> list[str]:
         self._check()
-        self.calls.append(("load", str(tarball)))
+        self.calls.append(("load", name or str(tarball)))
         raise ImageError("load: not supported by the fake")
 
     async def build_image(
         self,
-        context_tar: bytes,
+        context_tar: Any,
         tag: str,
         labels: dict[str, str],
         buildargs: dict[str, str],
@@ -169,6 +168,8 @@ class ImageEngine(FakeEngine):
         """Three steps like the classic builder: FROM busybox, COPY, RUN; each
         committed step leaves an image, as Docker's do."""
         self._check()
+        if not isinstance(context_tar, bytes):  # streamed, as the daemon sends it
+            context_tar = b"".join([piece async for piece in context_tar])
         self.calls.append(("build", tag))
         base = self.images["boincd-test/busybox:latest"]
         layers = [layer("busybox", 2_000_000)]

@@ -49,13 +49,47 @@ def test_unit_contract(name: str) -> None:
     assert service["ConfigurationDirectory"] == "boincd-containers"
     assert service["KillMode"] == "process"
     assert service["Restart"] == "on-failure"
-    assert service["ProtectSystem"] == "strict"
     assert service["NoNewPrivileges"] == "yes"
     assert "AF_UNIX" in service["RestrictAddressFamilies"].split()
     # The engine socket must stay reachable: never hidden, never pinned by a bind mount.
     assert "docker.sock" not in service.get("ReadWritePaths", "")
-    assert service.get("ProtectHome") == "read-only"
     assert "PrivateDevices" not in service  # NVML needs /dev/nvidia*
+
+
+# Each gives the unit a mount namespace of its own (a slave of the host's).
+MOUNT_NAMESPACE_OPTIONS = (
+    "ProtectSystem",
+    "ProtectHome",
+    "PrivateTmp",
+    "PrivateDevices",
+    "PrivateMounts",
+    "ReadOnlyPaths",
+    "ReadWritePaths",
+    "InaccessiblePaths",
+    "BindPaths",
+    "TemporaryFileSystem",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectHostname",
+    "ProtectProc",
+    "ProcSubset",
+)
+
+
+def test_root_unit_lives_in_the_host_mount_namespace_and_may_mount() -> None:
+    """The root daemon's task mount points (mounts.py) must reach dockerd."""
+    service = service_section(UNITS["boincd-containers.service"])
+    assert [o for o in MOUNT_NAMESPACE_OPTIONS if o in service] == []
+    assert "CAP_SYS_ADMIN" in service["CapabilityBoundingSet"].split()
+
+
+def test_rootless_unit_keeps_its_file_system_protections() -> None:
+    """Rootless, the daemon mounts nothing: the read-only view costs nothing there."""
+    service = service_section(UNITS["boincd-containers-rootless.service"])
+    assert service["ProtectSystem"] == "strict"
+    assert service.get("ProtectHome") == "read-only"
 
 
 def test_rootless_unit_runs_as_boinc() -> None:

@@ -51,7 +51,9 @@ def test_mounts_must_stay_inside_slot_and_project(tmp_path: Path) -> None:
             ],
         )
     )
-    assert check_paths(ok, peer_uid=0) == (os.getuid(), os.getgid())
+    checked = check_paths(ok, peer_uid=0)
+    assert checked.ids == (os.getuid(), os.getgid())
+    checked.close()
     for source in ("/etc", "../", "escape"):
         bad = parse_request(body(slot, mounts=[{"source": source, "target": "/x"}]))
         with pytest.raises(Forbidden, match="outside the slot"):

@@ -1,0 +1,15 @@
+"""Unit tests run on a fake engine: no real bind mounts (mounts.py), which would
+outlive the fake containers. The checked paths are given to the fake as they
+are, the daemon's mode without mount(2); tests/unit/test_safepath.py turns
+mounting on where it tests it."""
+
+from __future__ import annotations
+
+import pytest
+
+from boincd_containers import mounts
+
+
+@pytest.fixture(autouse=True)
+def _no_bind_mounts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mounts, "can_bind", lambda: False)
