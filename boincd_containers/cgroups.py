@@ -287,6 +287,13 @@ class ContainerCgroup:
     def sample(self) -> CgroupSample:
         return CgroupSample(cpu_time_ns=self.cpu_time_ns(), memory=self.memory())
 
+    def thread_ids(self) -> list[int]:
+        """Every thread in the cgroup: v1 `tasks`, v2 `cgroup.threads` (both list
+        thread ids, not only processes: each thread has its own priority)."""
+        name = "tasks" if self.version == 1 else "cgroup.threads"
+        path = os.path.join(self.cpu_dir, name)
+        return [int(tid) for tid in _read(path).split()]
+
     def exists(self) -> bool:
         return os.path.isdir(self.cpu_dir)
 
@@ -446,6 +453,10 @@ class CgroupReader:
     def net_dev(self, container_id: str, pid: int) -> tuple[int, int]:
         with self._evict_on_gone(container_id):
             return self.get(container_id, pid).net_dev()
+
+    def thread_ids(self, container_id: str, pid: int) -> list[int]:
+        with self._evict_on_gone(container_id):
+            return self.get(container_id, pid).thread_ids()
 
     @contextmanager
     def _evict_on_gone(self, container_id: str) -> Iterator[None]:

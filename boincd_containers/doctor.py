@@ -14,19 +14,26 @@ import textwrap
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from boincd_containers.doctor_boinc import check_boinc, check_old_names, old_name_containers
 from boincd_containers.doctor_checks import (
-    HOST_CHECKS,
     NEEDED_CONTROLLERS,
+    Check,
     Finding,
     Severity,
     check_access,
+    check_cgroups,
+    check_disk,
     check_engine,
+    check_gpu,
+    check_platform,
 )
 from boincd_containers.hostprobe import (
+    BoincClientFacts,
     CommandResult,
     EngineFacts,
     HostFacts,
     HostProbe,
+    LabelledContainer,
     Runner,
     gather,
     run_command,
@@ -46,6 +53,15 @@ __all__ = [
     "run_doctor",
 ]
 
+# Checks that need no engine; the installer runs these alone.
+HOST_CHECKS: tuple[Check, ...] = (
+    check_platform,
+    check_cgroups,
+    check_gpu,
+    check_disk,
+    check_boinc,
+)
+
 Runtime = Literal["native-docker", "rootless-podman", "wsl2", "vm-apps", "docker-desktop"]
 
 
@@ -59,6 +75,9 @@ class Recommendation:
 class DoctorReport:
     findings: tuple[Finding, ...]
     recommendation: Recommendation
+    boinc: BoincClientFacts | None = None
+    # Our containers still named boinc__…; None when they were not listed.
+    old_names: tuple[LabelledContainer, ...] | None = None
 
     @property
     def ok(self) -> bool:
@@ -73,6 +92,13 @@ class DoctorReport:
             "ok": self.ok,
             "findings": [asdict(f) for f in self.findings],
             "recommendation": asdict(self.recommendation),
+            # What was found of the local BOINC client, for scripts; None: no such probe.
+            "boinc_client": (
+                {**asdict(self.boinc), "version": self.boinc.version} if self.boinc else None
+            ),
+            "old_name_containers": (
+                [asdict(c) for c in self.old_names] if self.old_names is not None else None
+            ),
         }
 
     def render_text(self, width: int = 88) -> str:
@@ -169,6 +195,11 @@ def run_doctor(probe: HostProbe, engine: EngineFacts | None) -> DoctorReport:
     if engine is not None:
         findings += check_engine(probe, host, engine)
         findings += check_access(probe, host, engine)
+        findings += check_old_names(probe, host, engine)
     for check in HOST_CHECKS:
         findings += check(probe, host, engine)
-    return DoctorReport(tuple(findings), recommend(probe, host, engine))
+    old_names = None
+    if engine is not None and engine.labelled is not None:
+        ours, theirs = old_name_containers(engine)
+        old_names = (*ours, *theirs)
+    return DoctorReport(tuple(findings), recommend(probe, host, engine), host.boinc, old_names)

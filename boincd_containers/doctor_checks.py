@@ -341,42 +341,6 @@ def check_disk(probe: HostProbe, host: HostFacts, engine: EngineFacts | None) ->
     return [Finding("disk.image_store", "ok", title)]
 
 
-def check_boinc(probe: HostProbe, host: HostFacts, engine: EngineFacts | None) -> list[Finding]:
-    findings = []
-    version = probe.output("boinc", "--version")
-    if version is None:
-        findings.append(
-            Finding(
-                "boinc.client",
-                "warning",
-                "BOINC client not found",
-                "The daemon serves the shims a BOINC client starts; without a client there "
-                "are no tasks.",
-                "`apt install boinc-client` (in this distro when inside WSL2).",
-            )
-        )
-    else:
-        detail = ""
-        major = version_tuple(version)
-        if major and major[0] >= 8:
-            detail = (
-                "This client can also run projects' docker_wrapper apps itself; both coexist, "
-                "since each side only touches containers it created."
-            )
-        findings.append(Finding("boinc.client", "ok", f"BOINC client {version.split()[0]}", detail))
-    if probe.output("getent", "passwd", probe.boinc_user) is None:
-        findings.append(
-            Finding(
-                "boinc.user",
-                "warning",
-                f"No user {probe.boinc_user}",
-                "The service gives the socket to the BOINC user's group.",
-                "Install boinc-client (it creates the user), or set the user the client runs as.",
-            )
-        )
-    return findings
-
-
 def check_platform(probe: HostProbe, host: HostFacts, engine: EngineFacts | None) -> list[Finding]:
     findings = []
     if host.wsl == 1:
@@ -471,11 +435,3 @@ def _virtualbox(probe: HostProbe, host: HostFacts) -> list[Finding]:
 
 
 Check = Callable[[HostProbe, HostFacts, EngineFacts | None], list[Finding]]
-# Checks that need no engine; the installer runs these alone.
-HOST_CHECKS: tuple[Check, ...] = (
-    check_platform,
-    check_cgroups,
-    check_gpu,
-    check_disk,
-    check_boinc,
-)

@@ -55,7 +55,7 @@ class EngineInfo:
 
     @property
     def description(self) -> str:
-        """"rootless Podman 4.3.1": how messages name the engine."""
+        """ "rootless Podman 4.3.1": how messages name the engine."""
         name = {"docker": "Docker", "podman": "Podman"}.get(self.kind, self.kind)
         return f"{'rootless ' if self.rootless else ''}{name} {self.version}".strip()
 
@@ -273,6 +273,14 @@ class Engine:
         result: list[JSON] = await self._call("list containers", "containers/json", params=params)
         return result
 
+    async def rename_container(self, ref: str, name: str) -> None:
+        await self._call(
+            f"rename container {ref} to {name}",
+            f"containers/{ref}/rename",
+            "POST",
+            params={"name": name},
+        )
+
     async def start_container(self, ref: str) -> None:
         await self._call(f"start container {ref}", f"containers/{ref}/start", "POST")
 
@@ -406,9 +414,22 @@ class Engine:
         result: list[JSON] = await self._call(f"image history {ref}", f"images/{ref}/history")
         return result
 
-    async def list_images(self) -> list[JSON]:
-        result: list[JSON] = await self._call("list images", "images/json")
+    async def list_images(self, labels: dict[str, str] | None = None) -> list[JSON]:
+        params = None
+        if labels:
+            filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+            params = {"filters": json.dumps(filters)}
+        result: list[JSON] = await self._call("list images", "images/json", params=params)
         return result
+
+    async def tag_image(self, ref: str, new_ref: str) -> None:
+        repo, _, tag = new_ref.rpartition(":")
+        await self._call(
+            f"tag image {ref} as {new_ref}",
+            f"images/{ref}/tag",
+            "POST",
+            params={"repo": repo, "tag": tag},
+        )
 
     async def remove_image(self, ref: str) -> list[JSON]:
         try:
@@ -566,12 +587,15 @@ class Engine:
         if since is not None:
             params["since"] = str(int(since))
         try:
-            async with docker._query(
-                "events",
-                "GET",
-                params=params,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None),
-            ) as response, response:
+            async with (
+                docker._query(
+                    "events",
+                    "GET",
+                    params=params,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None),
+                ) as response,
+                response,
+            ):
                 # The second `response`: aiodocker leaves closing it to us, and an
                 # event stream is left early (reconnect, shutdown): close it then.
                 async for raw_line in response.content:

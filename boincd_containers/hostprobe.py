@@ -37,6 +37,19 @@ class EngineFacts:
     error: str | None
     runtimes: tuple[str, ...] = ()
     image_store: str | None = None
+    # The daemon's owner label value, when the daemon (or its state dir) told us.
+    instance_id: str | None = None
+    # Containers carrying our owner label; None when they could not be listed.
+    labelled: tuple[LabelledContainer, ...] | None = None
+
+
+@dataclass(frozen=True)
+class LabelledContainer:
+    name: str  # without the engine's leading "/"
+    owner: str
+    state: str
+    project: str | None = None
+    result: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,7 @@ class HostProbe:
     boinc_user: str = "boinc"
     image_store: Path | None = None
     free_bytes: Callable[[Path], int] = _free_bytes
+    stat: Callable[[Path], os.stat_result] = os.stat
     min_free_warning: int = 10 * GIB
     min_free_error: int = 2 * GIB
 
@@ -111,6 +125,7 @@ class HostFacts:
     vbox: str | None  # VirtualBox version, or "" when found but silent
     docker_cli: bool
     podman_cli: bool
+    boinc: BoincClientFacts
 
 
 def version_tuple(text: str | None) -> tuple[int, int] | None:
@@ -170,4 +185,215 @@ def gather(probe: HostProbe) -> HostFacts:
         vbox=_vbox(probe, wsl),
         docker_cli=probe.output("docker", "--version") is not None,
         podman_cli=probe.output("podman", "--version") is not None,
+        boinc=boinc_client(probe),
+    )
+
+
+# -- the local BOINC client ------------------------------------------------------------------
+
+# Where distributions put the client and its data; the service's own unit comes first.
+BOINC_UNITS = (
+    "etc/systemd/system/boinc-client.service",
+    "lib/systemd/system/boinc-client.service",
+    "usr/lib/systemd/system/boinc-client.service",
+)
+BOINC_BINARIES = (
+    "/usr/bin/boinc",
+    "/usr/local/bin/boinc",
+    "/opt/boinc/boinc",
+    "/Applications/BOINCManager.app/Contents/Resources/boinc",
+)
+BOINC_DATA_DIRS = (
+    "/var/lib/boinc-client",
+    "/var/lib/boinc",
+    "/opt/boinc",
+    "/Library/Application Support/BOINC Data",
+)
+BOINC_PROCESS_NAMES = ("boinc", "boinc_client")
+DOCKER_TYPES: dict[int, EngineKind] = {1: "docker", 2: "podman"}  # lib/common_defs.h
+
+
+@dataclass(frozen=True)
+class BoincClient:
+    """One client program found, and how it is (or would be) started."""
+
+    path: str  # as run: absolute, or the bare name left to PATH
+    version: str | None  # "8.2.15"; None when `--version` gave no answer
+    source: str  # where we found it: "running, pid 812", "boinc-client.service", "PATH"
+    data_dir: str | None = None
+    # On its command line, or in cc_config.xml of its data dir.
+    allow_multiple_clients: bool = False
+    uid: int | None = None  # a running client's user: its cleanup acts as that user
+
+
+@dataclass(frozen=True)
+class BoincClientFacts:
+    clients: tuple[BoincClient, ...]  # running ones first, then the service's, then others
+    data_dir: str | None  # the service's (or the usual) data dir
+    # From that dir's client_state.xml: the client that last wrote it, and the engine its
+    # last start detected (8.x clients write <docker_version> only when the probe worked).
+    state_version: str | None = None
+    state_engine: EngineKind | None = None
+    state_engine_version: str | None = None
+
+    @property
+    def version(self) -> str | None:
+        """The version that matters most: a running client's, else the service's, else any."""
+        return next((c.version for c in self.clients if c.version), self.state_version)
+
+
+def release_tuple(text: str | None) -> tuple[int, int, int] | None:
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else None
+
+
+def _xml_int(text: str, tag: str) -> int | None:
+    m = re.search(rf"<{tag}>\s*(-?\d+)\s*</{tag}>", text)
+    return int(m.group(1)) if m else None
+
+
+def _xml_flag(text: str, tag: str) -> bool:
+    """BOINC's parse_bool: `<tag/>` or a non-zero `<tag>n</tag>` is true."""
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    return bool(re.search(rf"<{tag}\s*/>", text)) or bool(_xml_int(text, tag))
+
+
+@dataclass(frozen=True)
+class _Start:
+    path: str
+    source: str
+    argv: tuple[str, ...] = ()
+    data_dir: str | None = None
+    uid: int | None = None
+
+    @property
+    def dir(self) -> str | None:
+        argv = self.argv
+        return argv[argv.index("--dir") + 1] if "--dir" in argv[:-1] else self.data_dir
+
+
+def _readlink(probe: HostProbe, rel: str) -> str | None:
+    try:
+        return os.readlink(probe.path(rel)).removesuffix(" (deleted)")
+    except OSError:
+        return None
+
+
+def _running(probe: HostProbe) -> list[_Start]:
+    try:
+        entries = [e.name for e in probe.path("proc").iterdir() if e.name.isdigit()]
+    except OSError:
+        return []
+    found = []
+    for pid in sorted(entries, key=int):
+        if (probe.read(f"proc/{pid}/comm") or "").strip() not in BOINC_PROCESS_NAMES:
+            continue
+        argv = tuple((probe.read(f"proc/{pid}/cmdline") or "").split("\0"))
+        # exe and cwd are readable only as root or the client's user; argv[0] then.
+        exe = _readlink(probe, f"proc/{pid}/exe")
+        exe = exe or (argv[0] if argv[0].startswith("/") else None)
+        uid = re.search(r"^Uid:\s+(\d+)", probe.read(f"proc/{pid}/status") or "", re.M)
+        if exe:
+            cwd = _readlink(probe, f"proc/{pid}/cwd")
+            real_uid = int(uid.group(1)) if uid else None
+            found.append(_Start(exe, f"running, pid {pid}", argv, cwd, real_uid))
+    return found
+
+
+def _service(probe: HostProbe) -> _Start | None:
+    for unit in BOINC_UNITS:
+        text = probe.read(unit)
+        if text is None:
+            continue
+        # Drop-ins override the unit's own lines; the last assignment wins.
+        folder = probe.path(unit + ".d")
+        for conf in sorted(folder.glob("*.conf")) if folder.is_dir() else []:
+            text += "\n" + (probe.read(f"{unit}.d/{conf.name}") or "")
+        exec_start = [v.split() for v in re.findall(r"^ExecStart=(.*)$", text, re.M) if v.strip()]
+        workdir = re.findall(r"^WorkingDirectory=-?(\S+)", text, re.M)
+        if not exec_start:
+            return None
+        argv = tuple(exec_start[-1])
+        path = argv[0].lstrip("-@+!:")
+        return _Start(path, "boinc-client.service", argv, workdir[-1] if workdir else None)
+    # sysvinit: Debian's init script reads /etc/default/boinc-client.
+    text = probe.read("etc/default/boinc-client") or ""
+    settings = dict(re.findall(r'^(BOINC_\w+)="?([^"\n]*)"?', text, re.M))
+    if not settings.get("BOINC_CLIENT"):
+        return None
+    opts = tuple(settings.get("BOINC_OPTS", "").split())
+    return _Start(
+        settings["BOINC_CLIENT"], "/etc/default/boinc-client", opts, settings.get("BOINC_DIR")
+    )
+
+
+def _on_path(probe: HostProbe) -> str:
+    for folder in probe.env.get("PATH", "").split(os.pathsep):
+        if folder and probe.path(f"{folder}/boinc").is_file():
+            return f"{folder}/boinc"
+    return "boinc"  # not under our root: the runner's own PATH decides
+
+
+def _client_version(probe: HostProbe, path: str) -> str | None:
+    out = probe.output(path, "--version")  # prints e.g. "8.2.15 x86_64-pc-linux-gnu"
+    m = re.match(r"\s*(\d+\.\d+(?:\.\d+)?)", out or "")
+    return m.group(1) if m else None
+
+
+def _same_file(probe: HostProbe, a: str, b: str) -> bool:
+    if a == b or not (a.startswith("/") and b.startswith("/")):
+        return a == b
+    return probe.path(a).resolve() == probe.path(b).resolve()
+
+
+def boinc_client(probe: HostProbe) -> BoincClientFacts:
+    """Every BOINC client program we can find, and what its data dir says."""
+    running = _running(probe)
+    service = _service(probe)
+    starts = list(running)
+    starts += [service] if service else []
+    starts.append(_Start(_on_path(probe), "PATH"))
+    starts += [_Start(p, "installed") for p in BOINC_BINARIES if probe.path(p).is_file()]
+    dirs = [service.dir] if service and service.dir else []
+    dirs += [d for d in BOINC_DATA_DIRS if probe.path(d).is_dir()]
+    data_dir = next(
+        (d for d in dirs if probe.path(f"{d}/client_state.xml").is_file()),
+        dirs[0] if dirs else None,
+    )
+    clients: list[BoincClient] = []
+    for start in starts:
+        # A running client is listed per process; other finds of the same file are not.
+        if not start.source.startswith("running") and any(
+            _same_file(probe, start.path, c.path) for c in clients
+        ):
+            continue
+        version = _client_version(probe, start.path)
+        if version is None and not probe.path(start.path).is_file():
+            continue  # a unit naming a program that is gone, or nothing on PATH
+        where = start.dir or data_dir
+        cc_config = probe.read(f"{where}/cc_config.xml") or "" if where else ""
+        multiple = "--allow_multiple_clients" in start.argv
+        clients.append(
+            BoincClient(
+                start.path,
+                version,
+                start.source,
+                where,
+                multiple or _xml_flag(cc_config, "allow_multiple_clients"),
+                start.uid,
+            )
+        )
+    state = (probe.read(f"{data_dir}/client_state.xml") or "") if data_dir else ""
+    major = _xml_int(state, "core_client_major_version")
+    minor = _xml_int(state, "core_client_minor_version")
+    release = _xml_int(state, "core_client_release")
+    host_info = re.search(r"<host_info>(.*?)</host_info>", state, re.S)
+    info = host_info.group(1) if host_info else ""
+    engine = re.search(r"<docker_version>\s*([^<]*?)\s*</docker_version>", info)
+    return BoincClientFacts(
+        clients=tuple(clients),
+        data_dir=data_dir,
+        state_version=f"{major}.{minor}.{release or 0}" if major is not None else None,
+        state_engine=DOCKER_TYPES.get(_xml_int(info, "docker_type") or 0) if engine else None,
+        state_engine_version=engine.group(1) if engine else None,
     )

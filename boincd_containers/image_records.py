@@ -102,6 +102,13 @@ class ImageRecords:
             record["refs"].append(ref)
         self.save()
 
+    def rename_ref(self, image_id: str, old: str, new: str) -> None:
+        record = self.images.get(normalize_id(image_id))
+        if record is None:
+            return
+        record["refs"] = [new if ref == old else ref for ref in record["refs"]]
+        self.save()
+
     def resolved(self, ref: str, image_id: str, at: float) -> None:
         self.tags[ref] = {"id": normalize_id(image_id), "resolved_at": at}
         self.save()

@@ -149,7 +149,7 @@ class ImageCache:
             return await self._from_registry(normalize_ref(request.image), request, progress)
         context = build_context(Path(request.slot_dir))
         digest = hashlib.sha256(context).hexdigest()[:16]
-        tag = f"boinc__{L.safe_name_part(request.project).lower()}__{digest}"
+        tag = L.built_image_name(request.project, digest)
         image = await self._inspect(tag)
         if image is not None:
             image_id = normalize_id(str(image["Id"]))
@@ -383,6 +383,30 @@ class ImageCache:
         self.records.bring(image_id, tag, "build")
         self._changed()
         return image_id
+
+    async def adopt_legacy_tags(self) -> None:
+        """Give the images we built under the old `boinc__` name their `boincd__`
+        name: a BOINC 8.2 client's start-up cleanup removes `boinc__` images that
+        no task of its own uses."""
+        for image in await self.engine.list_images({L.OWNER: self.owner_id}):
+            labels = image.get("Labels") or {}
+            for old in image.get("RepoTags") or []:
+                repo, _, tag = str(old).rpartition(":")
+                # Podman names local images `localhost/<name>`.
+                registry, _, name = repo.rpartition("/")
+                if not L.is_legacy_name(name) or "__" not in name[len(L.LEGACY_NAME_PREFIX) :]:
+                    continue
+                digest = name.rsplit("__", 1)[1]
+                new_name = L.built_image_name(str(labels.get(L.PROJECT, "")), digest)
+                new = f"{registry}/{new_name}:{tag}" if registry else f"{new_name}:{tag}"
+                try:
+                    await self.engine.tag_image(str(image["Id"]), new)
+                    await self.engine.remove_image(old)  # another tag stays: an untag
+                except BoincdError as exc:
+                    log.warning("cannot rename a built image", old=old, new=new, error=str(exc))
+                    continue
+                self.records.rename_ref(str(image["Id"]), old, new)
+                log.info("renamed an image built under the old name", old=old, new=new)
 
     # -- removal ------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ restart, and never touches an object whose owner label is not its own.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 PREFIX = "org.boinc.containers"
@@ -25,18 +26,87 @@ MEMORY_BOUND = f"{PREFIX}.memory_bound"
 UNENFORCED = f"{PREFIX}.unenforced"
 WARNINGS = f"{PREFIX}.warnings"
 
-_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
+# Extensions of the contract: the priority the BOINC client gave the task's shim,
+# which every process of the container is held to (see priority.py).
+NICE = f"{PREFIX}.nice"
+SCHED_IDLE = f"{PREFIX}.sched_idle"
+
+# Our prefix. Never "boinc__": BOINC clients 8.2.0 and later `rm -f` every
+# container, and untag every image, whose name starts with that at each start,
+# unless it belongs to a started docker-plan-class task (client/cs_apps.cpp
+# docker_cleanup, lib/util.cpp docker_is_boinc_name).
+NAME_PREFIX = "boincd__"
+LEGACY_NAME_PREFIX = "boinc__"
+# Engines accept long names, but they travel in every API path and log line.
+MAX_NAME_LENGTH = 200
+_NAME_HASH_CHARS = 16
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+# ".-" never occurs in a host name or in BOINC's names: it starts an escape.
+_ESCAPE = ".-"
+_SEPARATOR = "__"
 
 
-def safe_name_part(text: str) -> str:
-    """Engine names allow [a-zA-Z0-9_.-]; BOINC project dirs and results almost always fit."""
-    cleaned = _UNSAFE.sub("_", text)
-    return cleaned or "_"
+def _escape(ch: str) -> str:
+    return "".join(f"{_ESCAPE}{byte:02x}" for byte in ch.encode("utf-8", "surrogatepass"))
+
+
+def encode_name_part(text: str, *, first: bool = False) -> str:
+    """An engine-safe spelling of a project or result name that keeps the usual
+    ones as they are and cannot make two names one.
+
+    Characters engines refuse become ``.-XX`` (their UTF-8 bytes in hex), and so
+    does a "." that would start that sequence. In the first part (the project),
+    "_" is escaped too where it would make "__" or end the part, so the first
+    "__" after the prefix is always the separator.
+    """
+    out = []
+    for i, ch in enumerate(text):
+        after = text[i + 1 : i + 2]
+        starts_escape = ch == "." and after == "-"
+        makes_separator = first and ch == "_" and after in ("_", "")
+        out.append(_escape(ch) if ch not in _PLAIN or starts_escape or makes_separator else ch)
+    return "".join(out)
 
 
 def container_name(project: str, result: str) -> str:
-    """`boinc__<project>__<result>`, the scheme of BOINC's own docker_wrapper."""
-    return f"boinc__{safe_name_part(project)}__{safe_name_part(result)}"
+    """`boincd__<project>__<result>`: one name per (project, result), within limits."""
+    name = (
+        f"{NAME_PREFIX}{encode_name_part(project, first=True)}{_SEPARATOR}"
+        f"{encode_name_part(result)}"
+    )
+    if len(name) <= MAX_NAME_LENGTH:
+        return name
+    digest = hashlib.sha256(f"{project}\0{result}".encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{name[: MAX_NAME_LENGTH - _NAME_HASH_CHARS - 1]}-{digest[:_NAME_HASH_CHARS]}"
+
+
+_IMAGE_UNSAFE = re.compile(r"[^a-z0-9._-]")
+_IMAGE_SEPARATORS = re.compile(r"[._-]{2,}")
+
+
+def built_image_name(project: str, digest: str) -> str:
+    """`boincd__<project>__<digest>` for an image built from a slot's Dockerfile.
+
+    Image names must be lower case, with single separators between letters and
+    digits; the content digest, not the name, tells builds apart.
+    """
+    part = _IMAGE_SEPARATORS.sub(".", _IMAGE_UNSAFE.sub(".", project.lower())).strip("._-")
+    part = part[:100].rstrip("._-") or "project"
+    return f"{NAME_PREFIX}{part}{_SEPARATOR}{digest}"
+
+
+_LEGACY_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
+
+
+def legacy_container_name(project: str, result: str) -> str:
+    """The name containers had before the rename, to find and adopt them."""
+    parts = [_LEGACY_UNSAFE.sub("_", part) or "_" for part in (project, result)]
+    return f"{LEGACY_NAME_PREFIX}{parts[0]}{_SEPARATOR}{parts[1]}"
+
+
+def is_legacy_name(name: str) -> bool:
+    """A name from before the rename, which an 8.2 client's cleanup would remove."""
+    return name.lstrip("/").startswith(LEGACY_NAME_PREFIX)
 
 
 def owner_filter(instance_id: str) -> dict[str, list[str]]:

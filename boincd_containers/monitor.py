@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import proctree
+from . import priority, proctree
 from .cgroups import CgroupError, CgroupGone, CgroupReader, net_dev
 from .log import get_logger
 from .registry import Registry, TaskRecord
@@ -79,6 +79,7 @@ class Monitor:
         self._rx: dict[str, _NetCounter] = {}
         self._tx: dict[str, _NetCounter] = {}
         self.ticks = 0
+        self._priority_denied: set[str] = set()  # results already logged
 
     def sample(self, record: TaskRecord) -> Sample | None:
         """Read one task's figures now; None when it has no live cgroup."""
@@ -130,15 +131,40 @@ class Monitor:
             rx = tx = 0
         return self._keep(record, usage.cpu_time_ns, usage.rss_bytes, usage.rss_bytes, rx, tx)
 
+    def hold_priority(self, record: TaskRecord) -> None:
+        """Lower the container's threads to its task's priority (priority.py)."""
+        wanted = record.priority
+        if wanted is None or not record.pid or not record.container_id:
+            return
+        try:
+            if record.unenforced:  # no cgroup of its own: its process tree
+                pids = [p.pid for p in proctree.tree(record.pid)]
+                tids = priority.thread_ids_of(pids)
+            else:
+                tids = self.reader.thread_ids(record.container_id, record.pid)
+        except CgroupError:
+            return
+        held = priority.hold(tids, wanted)
+        if held.denied and record.result not in self._priority_denied:
+            self._priority_denied.add(record.result)
+            log.warning(
+                "cannot lower the container's priority",
+                result=record.result,
+                threads=held.denied,
+                nice=wanted.nice,
+            )
+
     def tick(self) -> None:
         for record in list(self.registry.tasks.values()):
             if record.state in ("running", "paused"):
                 self.sample(record)
+                self.hold_priority(record)
         for result in list(self.samples):
             if result not in self.registry.tasks:
                 del self.samples[result]
                 self._rx.pop(result, None)
                 self._tx.pop(result, None)
+                self._priority_denied.discard(result)
         self.ticks += 1
 
     async def run(self, interval_s: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Container
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -20,6 +20,7 @@ from . import labels as L
 from .engine import Engine
 from .errors import BoincdError, NotFound
 from .log import get_logger
+from .priority import Priority
 
 log = get_logger(__name__)
 
@@ -84,7 +85,15 @@ class TaskRecord:
     started_at: float = 0.0
     # When the engine sent the container a stop signal (a "kill" event, not SIGKILL).
     stop_signalled_at: float = 0.0
+    # The priority its processes are held to: the one its shim last asked for, else
+    # the one it was created with (labels).
+    shim_priority: Priority | None = None
+    created_priority: Priority | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def priority(self) -> Priority | None:
+        return self.shim_priority or self.created_priority
 
     def notify(self) -> None:
         """Wake everyone waiting for a state change, then re-arm."""
@@ -174,6 +183,7 @@ class TaskRecord:
         self.gpu_usage = float(labels.get(L.GPU_USAGE) or 0.0)
         self.unenforced = [x for x in labels.get(L.UNENFORCED, "").split(",") if x]
         self.warnings = [w for w in labels.get(L.WARNINGS, "").split("\n") if w]
+        self.created_priority = Priority.from_labels(labels)
         self.error = None
         self.notify()
 
@@ -197,6 +207,7 @@ class TaskRecord:
             "gpus": self.gpus,
             "gpu_usage": self.gpu_usage,
             "progress": self.progress,
+            "priority": self.priority.to_json() if self.priority else None,
             "warnings": list(self.warnings),
             "error": self.error.to_json()["error"] if self.error else None,
         }
@@ -215,6 +226,8 @@ class Registry:
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         # Called for each container adopted on a re-list (GPU shares are rebuilt so).
         self.on_adopt: list[Callable[[TaskRecord, dict[str, str]], None]] = []
+        # Called after the first re-list of each connection to the engine.
+        self.on_connect: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def owner_labels(self) -> dict[str, str]:
@@ -246,6 +259,8 @@ class Registry:
                 continue
             result = labels[L.RESULT]
             record = self.tasks.get(result) or TaskRecord(result, labels.get(L.PROJECT, ""))
+            if L.is_legacy_name(str(data.get("Name", ""))):
+                data = await self.rename_legacy(data, record.project, result)
             self.apply(record, data)
             if result not in self.tasks:
                 for hook in self.on_adopt:
@@ -258,6 +273,24 @@ class Registry:
                 # taken: only the engine's own "no such container" drops a record.
                 await self.refresh(record)
         self.engine_error = None
+
+    async def rename_legacy(
+        self, data: dict[str, Any], project: str, result: str
+    ) -> dict[str, Any]:
+        """Give a container made under the old `boinc__` name its `boincd__` name, so
+        that a BOINC 8.2 client's start-up cleanup leaves it alone; the inspect
+        answer after the rename (the one given when the rename fails)."""
+        old, new = str(data.get("Name", "")).lstrip("/"), L.container_name(project, result)
+        try:
+            await self.engine.rename_container(str(data["Id"]), new)
+            data = await self.engine.inspect_container(str(data["Id"]))
+        except BoincdError as exc:
+            log.warning(
+                "cannot rename a container to its new name", old=old, new=new, error=str(exc)
+            )
+            return data
+        log.info("renamed a container made under the old name", old=old, new=new)
+        return data
 
     def apply(self, record: TaskRecord, data: dict[str, Any]) -> None:
         """Take an inspect answer, with what only the registry knows."""
@@ -315,6 +348,8 @@ class Registry:
                 await self.engine.connect()
                 since = time.time()
                 await self.relist()
+                for hook in self.on_connect:
+                    await hook()
                 backoff = 0.5
                 log.info("engine connected", engine=self.engine.info and self.engine.info.kind)
                 async with asyncio.TaskGroup() as group:

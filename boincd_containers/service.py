@@ -86,7 +86,15 @@ class Daemon:
         self.monitor = Monitor(self.registry)
         self.gpus = GpuService(GpuAllocator(gpu_backends(settings.gpu_backend)), self.registry)
         self.registry.on_adopt.append(self.gpus.restore)
-        self.tasks = TaskManager(settings, self.engine, self.registry, self.images, self.gpus)
+        self.registry.on_connect.append(self.images.adopt_legacy_tags)
+        self.tasks = TaskManager(
+            settings,
+            self.engine,
+            self.registry,
+            self.images,
+            self.gpus,
+            on_start=self.monitor.hold_priority,
+        )
         self.extra_status: list[StatusProvider] = [self.monitor, self.gpus]
         # Background loops of the features attached to this daemon (gc, inventory...):
         # each runs inside the lifecycle's TaskGroup and is cancelled at shutdown.

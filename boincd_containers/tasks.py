@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,8 +42,12 @@ class TaskManager:
         registry: Registry,
         images: ImageCache,
         gpus: GpuService | None = None,
+        on_start: Callable[[TaskRecord], None] | None = None,
     ) -> None:
         self.settings = settings
+        # Called once the container runs (the monitor lowers its priority at once,
+        # instead of at its next tick).
+        self.on_start = on_start
         self.engine = engine
         self.registry = registry
         self.images = images
@@ -72,29 +76,45 @@ class TaskManager:
             record = self.registry.tasks.get(request.result)
             if record is not None and record.state not in ("failed", "waiting"):
                 record.last_seen = time.time()
+                record.shim_priority = request.priority or record.shim_priority
                 return record
-            existing = await self._find_by_name(request.name)
+            existing = await self._find_by_name(request)
             if existing is not None:
+                existing.shim_priority = request.priority
                 return existing
-            record = TaskRecord(request.result, request.project, slot_dir=request.slot_dir)
+            record = TaskRecord(
+                request.result,
+                request.project,
+                slot_dir=request.slot_dir,
+                shim_priority=request.priority,
+            )
             self.registry.tasks[request.result] = record
             task = asyncio.ensure_future(self._prepare(record, request, uid, gid))
             self._preparing[request.result] = task
             task.add_done_callback(lambda _: self._preparing.pop(request.result, None))
             return record
 
-    async def _find_by_name(self, name: str) -> TaskRecord | None:
-        """Adopt our container of that name (events may lag); refuse anyone else's."""
-        try:
-            data = await self.engine.inspect_container(name)
-        except NotFound:
+    async def _find_by_name(self, request: TaskRequest) -> TaskRecord | None:
+        """Adopt our container for the task (events may lag), also one made under the
+        old name before an upgrade; refuse anyone else's."""
+        for name in (request.name, L.legacy_container_name(request.project, request.result)):
+            try:
+                data = await self.engine.inspect_container(name)
+                break
+            except NotFound:
+                continue
+        else:
             return None
         labels = (data.get("Config") or {}).get("Labels") or {}
         if not L.is_ours(labels, self.registry.instance_id):
+            if name != request.name:
+                return None  # somebody else's container under the old scheme: not ours
             raise Conflict(
                 f"a container named {name} exists and does not belong to this daemon; "
                 "it is left alone: remove or rename it to run this task"
             )
+        if name != request.name:
+            data = await self.registry.rename_legacy(data, request.project, request.result)
         record = TaskRecord(labels.get(L.RESULT, ""), labels.get(L.PROJECT, ""))
         self.registry.apply(record, data)
         self.registry.tasks[record.result] = record
@@ -193,7 +213,10 @@ class TaskManager:
                 self.detached.discard(result)
             elif record.state == "paused":
                 await self.engine.unpause_container(record.container_id)
-            return await self.registry.refresh(record)
+            await self.registry.refresh(record)
+            if self.on_start is not None and record.state == "running":
+                self.on_start(record)
+            return record
 
     async def pause(self, result: str) -> TaskRecord:
         async with self.locked(result):

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import labels as L
 from .errors import BadRequest, Forbidden
+from .priority import Priority
 
 MIN_MEMORY_BYTES = 6 * 1024 * 1024  # the engines refuse less
 
@@ -57,6 +58,8 @@ class TaskRequest:
     read_only_root: bool = False
     # False while BOINC has network activity suspended: no pull, wait instead.
     allow_fetch: bool = True
+    # The shim's own priority, which the client chose for the task (priority.py).
+    priority: Priority | None = None
 
     @property
     def name(self) -> str:
@@ -114,6 +117,7 @@ def parse_request(body: Any) -> TaskRequest:
             device_num=int(gpu_body.get("device_num", 0)),
             usage=float(gpu_body.get("usage", 1.0)),
         )
+    priority = _priority(_get(body, "priority", dict))
     ncpus = float(_get(body, "ncpus", (int, float), 1.0))
     memory = int(_get(body, "memory_bytes", (int, float), 0))
     disk = int(_get(body, "disk_bytes", (int, float), 0))
@@ -141,6 +145,7 @@ def parse_request(body: Any) -> TaskRequest:
         env=_str_dict(body, "env"),
         read_only_root=bool(_get(body, "read_only_root", bool, False)),
         allow_fetch=bool(_get(body, "allow_fetch", bool, True)),
+        priority=priority,
     )
     if not (request.image or request.image_archive or request.build):
         raise BadRequest(
@@ -150,6 +155,18 @@ def parse_request(body: Any) -> TaskRequest:
         if target is not None and not PurePosixPath(target).is_absolute():
             raise BadRequest(f"container path {target!r} must be absolute")
     return request
+
+
+def _priority(body: dict[str, Any] | None) -> Priority | None:
+    if body is None:
+        return None
+    nice, idle = body.get("nice"), body.get("idle", False)
+    if isinstance(nice, bool) or not isinstance(nice, int) or not isinstance(idle, bool):
+        raise BadRequest('\'priority\' must be {"nice": 0..19, "idle": true|false}')
+    try:
+        return Priority(nice, idle)
+    except ValueError as exc:
+        raise BadRequest(f"'priority': {exc}") from None
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
@@ -254,6 +271,7 @@ def container_config(
         L.NETWORK: "1" if request.network else "0",
         L.DISK_BOUND: str(request.disk_bytes),
         L.MEMORY_BOUND: str(request.memory_bytes),
+        **(request.priority.labels() if request.priority else {}),
     }
     config: dict[str, Any] = {
         "Image": image,

@@ -115,6 +115,9 @@ class StatusReport(NamedTuple):
     bytes_sent: float = 0.0
     bytes_received: float = 0.0
     want_network: bool = False
+    # The container's working set: clients 8.x take it as the task's memory
+    # (client/app.cpp wss_from_app); 7.20 ignores the tag.
+    wss: float | None = None
 
     def encode(self) -> str:
         # The client zeroes both CPU times on every message, so always send both.
@@ -130,6 +133,8 @@ class StatusReport(NamedTuple):
         # other_pid 0 would make the client kill(0, SIGKILL): its own process group.
         if self.other_pid is not None and self.other_pid > 0:
             parts.append(f"<other_pid>{self.other_pid}</other_pid>\n")
+        if self.wss is not None and self.wss > 0 and math.isfinite(self.wss):
+            parts.append(f"<wss>{self.wss:e}</wss>\n")
         if self.bytes_sent > 0 and math.isfinite(self.bytes_sent):
             parts.append(f"<bytes_sent>{self.bytes_sent:f}</bytes_sent>\n")
         if self.bytes_received > 0 and math.isfinite(self.bytes_received):

@@ -2,8 +2,18 @@
 
 The loop polls the client's messages every 0.1 s and reconciles the container
 with what the client wants (running or paused); once a second it reports
-CPU time, fraction done and other_pid. Every exit path first withdraws
-other_pid, because the client SIGKILLs that pid when it cleans up the task.
+CPU time, fraction done and the container's memory.
+
+The daemon holds every process of the container at the shim's own priority,
+which the client chose for the task. At idle priority (nice 19, every CPU
+task by default) the client leaves such processes out of the "non-BOINC" load
+it suspends computing for, so no other_pid is reported: the client SIGKILLs
+every other_pid when it cleans up a task, also at its own shutdown without
+reading any app_status first, which would kill a paused container. Above idle
+(GPU tasks, fewer than one CPU, wrapper app versions) other_pid is the only
+way to keep the client from suspending itself for the container's load: it is
+reported while the container runs and withdrawn (our own pid) before every exit
+that can wait for the client.
 """
 
 from __future__ import annotations
@@ -31,9 +41,15 @@ from .client import DaemonClient, DaemonError, DaemonUnreachable
 from .initdata import InitData
 from .jobfile import JobSpec
 
+IDLE_NICE = 19  # the client's idle priority: left out of its non-BOINC load (priority.py)
+
 TICK_S = 0.1
 STATUS_EVERY_S = 1.0
-FIRST_HEARTBEAT_WAIT_S = 3.0  # the client sends one about every second
+# The client sends a heartbeat about every second; it tells whether BOINC allows
+# network use. Until it comes the task is prepared without fetching anything (an
+# image already present starts at once), and after this long without one, as if
+# the network were allowed.
+FIRST_HEARTBEAT_WAIT_S = 3.0
 CREATE_RETRY_S = 5.0  # between attempts to prepare a task that failed retryably
 MAX_BACKOFF_S = 5.0  # between attempts to reach a daemon that is down
 WITHDRAW_TIMEOUT_S = 3.0  # the client reads app_status about once a second
@@ -57,7 +73,20 @@ def say(text: str) -> None:
     print(f"{stamp} (boincd-shim) {text}", file=sys.stderr, flush=True)
 
 
-def task_request(init: InitData, job: JobSpec, slot: Path, allow_fetch: bool) -> dict[str, Any]:
+def own_priority() -> dict[str, Any]:
+    """The priority the client started us at, for the container's processes."""
+    nice = min(max(os.getpriority(os.PRIO_PROCESS, 0), 0), IDLE_NICE)
+    idle = hasattr(os, "SCHED_IDLE") and os.sched_getscheduler(0) == os.SCHED_IDLE
+    return {"nice": nice, "idle": idle}
+
+
+def task_request(
+    init: InitData,
+    job: JobSpec,
+    slot: Path,
+    allow_fetch: bool,
+    priority: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "result": init.result_name,
         "project": init.project_name,
@@ -77,6 +106,7 @@ def task_request(init: InitData, job: JobSpec, slot: Path, allow_fetch: bool) ->
         "memory_bytes": int(init.rsc_memory_bound),
         "disk_bytes": int(init.rsc_disk_bound),
         "allow_fetch": allow_fetch,
+        "priority": priority or own_priority(),
     }
     if job.use_gpu and init.uses_gpu:
         body["gpu"] = {
@@ -114,7 +144,12 @@ class Runner:
         self.heartbeat_seen = False
         self.first_heartbeat_deadline = time.monotonic() + FIRST_HEARTBEAT_WAIT_S
         self.create_retry_at = 0.0
-        self.create_network_suspended = False
+        self.create_allowed_fetch = False
+        self.priority = own_priority()
+        # At idle priority the container's load is not counted against the task
+        # (see the module's docstring): no other_pid, nothing to withdraw.
+        self.reports_other_pid = int(self.priority["nice"]) < IDLE_NICE
+        self.last_report = ""
         self.backoff_s = TICK_S
         self.last_status = 0.0
         self.checkpoint_cpu = init.wu_cpu_time
@@ -189,12 +224,7 @@ class Runner:
                 return outcome
             if messages.heartbeat:
                 self.heartbeat_seen = True
-            # The first heartbeat tells whether BOINC allows network use: a pull
-            # must not start before we know (a volunteer on a metered link).
-            knows_network = self.heartbeat_seen or time.monotonic() > self.first_heartbeat_deadline
-            if knows_network and (
-                not self.task or self.task.get("state") in ("failed", "waiting", "removed")
-            ):
+            if not self.task or self.task.get("state") in ("failed", "waiting", "removed"):
                 self._create()
             outcome = self._step()
             if outcome is not None:
@@ -254,19 +284,23 @@ class Runner:
             self.task = task
             say(f"network {verb}ed" + ("" if connected else " (BOINC suspended network activity)"))
 
+    def _may_fetch(self) -> bool:
+        """Whether a pull or a build may fetch: a volunteer on a metered link expects
+        nothing to be fetched while BOINC suspends network use, nor before the
+        first heartbeat has said whether it does."""
+        knows = self.heartbeat_seen or time.monotonic() > self.first_heartbeat_deadline
+        return knows and not self.network_suspended
+
     def _create(self) -> None:
         """Ask for the task; after a retryable failure (GPU busy, network off) not
-        before a few seconds have passed or the client's network switch flipped."""
+        before a few seconds have passed or fetching became allowed."""
         now = time.monotonic()
-        if (
-            self.task
-            and now < self.create_retry_at
-            and (self.create_network_suspended == self.network_suspended)
-        ):
+        may_fetch = self._may_fetch()
+        if self.task and now < self.create_retry_at and self.create_allowed_fetch == may_fetch:
             return
         self.create_retry_at = now + CREATE_RETRY_S
-        self.create_network_suspended = self.network_suspended
-        body = task_request(self.init, self.job, self.slot, allow_fetch=not self.network_suspended)
+        self.create_allowed_fetch = may_fetch
+        body = task_request(self.init, self.job, self.slot, may_fetch, self.priority)
         task = self._call("POST", "/v1/tasks", body)
         if task is not None:
             self.task = task
@@ -285,7 +319,10 @@ class Runner:
             return self._finish_over_limit(limit)
         if state in ("failed", "waiting"):
             error = self.task.get("error") or {}
-            if error.get("retryable"):
+            if error.get("code") == "network_suspended" and not self._may_fetch():
+                if self.heartbeat_seen:  # else: not known yet, nothing to tell
+                    self._say_once("network_suspended", str(error.get("message")))
+            elif error.get("retryable"):
                 self._unreachable(str(error.get("message")), code=str(error.get("code")))
             else:
                 self._fail(f"the task cannot run: {error.get('message')}")
@@ -369,9 +406,17 @@ class Runner:
         except (OSError, ValueError):
             return None
 
-    def _status(self, other_pid: int) -> StatusReport:
-        """What the client is told: every report, the last and the withdrawal alike."""
+    def _status(self, *, withdraw: bool = False) -> StatusReport:
+        """What the client is told: every report, the last and the withdrawal alike.
+
+        other_pid, where reported at all, names the container's init while it
+        runs, and our own pid to withdraw it (the client keeps the last one named).
+        """
         cpu = self._cpu_base() + float(self.task.get("cpu_time_s") or 0.0)
+        other_pid = None
+        if self.reports_other_pid:
+            pid = int(self.task.get("pid") or 0)
+            other_pid = pid if pid > 0 and not withdraw else os.getpid()
         return StatusReport(
             current_cpu_time=max(cpu, self.init.wu_cpu_time),
             checkpoint_cpu_time=self.checkpoint_cpu,
@@ -379,7 +424,14 @@ class Runner:
             other_pid=other_pid,
             bytes_sent=float(self.task.get("tx_bytes") or 0),
             bytes_received=float(self.task.get("rx_bytes") or 0),
+            wss=float(self.task.get("wss_bytes") or 0) or None,
         )
+
+    def _send(self, report: StatusReport) -> bool:
+        if self.channel.send_status(report):
+            self.last_report = report.encode()
+            return True
+        return False
 
     def _report(self) -> None:
         mtime = self._checkpoint_mtime()
@@ -387,25 +439,30 @@ class Runner:
             # The app rewrote its checkpoint file: the CPU time so far is now safe.
             self.checkpoint_mtime = mtime
             self.checkpoint_cpu = self._cpu_base() + float(self.task.get("cpu_time_s") or 0.0)
-        pid = int(self.task.get("pid") or 0)
-        self.channel.send_status(self._status(pid if pid > 0 else os.getpid()))
+        self._send(self._status())
 
     def _final_status(self) -> None:
-        """The last report, naming our own pid as other_pid, left in the channel.
+        """The last report (withdrawing other_pid), left in the channel.
 
         A running client reads the pending app_status when it handles our exit,
         before it kills other_pid (ACTIVE_TASK::handle_exited_app), so there is no
-        need to wait for it; only for the channel to be free, or an older report
-        naming the exited container's pid would be the one read.
+        need to wait for it to be read; only for the channel to be free, unless the
+        report already there says the same (the container's last figures), so a
+        finished task does not wait a client poll for nothing.
         """
+        report = self._status(withdraw=True)
+        if report.encode() == self.last_report:
+            return
         deadline = time.monotonic() + WITHDRAW_TIMEOUT_S
         while not self.channel.status_consumed() and time.monotonic() < deadline:
             time.sleep(0.02)
-        self.channel.send_status(self._status(os.getpid()))
+        self._send(report)
 
     def _withdraw_other_pid(self) -> None:
         """Name our own pid as other_pid and wait until the client has read it."""
-        if not self.channel.deliver_status(self._status(os.getpid()), WITHDRAW_TIMEOUT_S):
+        if not self.reports_other_pid:
+            return
+        if not self.channel.deliver_status(self._status(withdraw=True), WITHDRAW_TIMEOUT_S):
             # A client that is shutting down reads no status after <quit/>; the
             # daemon then tells its kill of the paused container from a real exit.
             say("the client did not read the last status (it is probably shutting down)")

@@ -57,7 +57,7 @@ def test_container_gets_limits_labels_mounts_and_user(
     assert task["state"] == "created", task
     data = engine.inspect(task["container_id"])
     host = data["HostConfig"]
-    assert data["Name"] == "/boinc__test.example.org_proj__limits_0"
+    assert data["Name"] == "/boincd__test.example.org_proj__limits_0"
     assert host["NanoCpus"] == 1_500_000_000
     assert host["Memory"] == 64 * 2**20
     assert host["PidsLimit"] == 4096
@@ -166,7 +166,7 @@ def test_restarted_daemon_rebuilds_state_and_controls_the_container(
 def test_a_foreign_container_is_never_touched(
     daemon: DaemonProcess, engine: TestEngine, short_tmp: Path
 ) -> None:
-    name = "boinc__test.example.org_proj__foreign_0"
+    name = "boincd__test.example.org_proj__foreign_0"
     try:
         foreign = engine.cli("run", "-d", "--name", name, TEST_IMAGE, "sleep", "300")
         slot = make_slot(short_tmp)

@@ -274,7 +274,7 @@ def test_dry_run_changes_nothing_and_the_real_run_frees_the_bytes_it_reported(
         assert daemon.request("GET", "/v1/tasks/gcdone_0")["state"] == "exited"
         assert dry["dry_run"] is True
         expected = {
-            ("container", f"boinc__{PROJECT}__gcdone_0", 100000),
+            ("container", f"boincd__{PROJECT}__gcdone_0", 100000),
             ("volume", anonymous[0], 30000),
             ("volume", volume, 50000),
         }
@@ -287,7 +287,7 @@ def test_dry_run_changes_nothing_and_the_real_run_frees_the_bytes_it_reported(
         assert {(r["kind"], r["name"], r["bytes"]) for r in real["removed"]} == expected
         assert real["freed_bytes"] == 180000
         reasons = {r["name"]: r["reason"] for r in real["removed"]}
-        assert "cleaned out slot dir" in reasons[f"boinc__{PROJECT}__gcdone_0"]
+        assert "cleaned out slot dir" in reasons[f"boincd__{PROJECT}__gcdone_0"]
         assert docker("ps", "-aq", "--filter", f"id={done['container_id']}") == ""
         for name in (anonymous[0], volume):
             assert docker("volume", "ls", "-q", "--filter", f"name=^{name}$") == ""

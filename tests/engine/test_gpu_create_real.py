@@ -136,7 +136,7 @@ def test_gpu_tasks_get_their_card_by_uuid_and_share_it(
     assert "gpu_a_0" in error["message"]
     assert "gpu_b_0" in error["message"]
     names = docker(
-        "ps", "-a", "--filter", f"name=boinc__{PROJECT}__gpu_c_0", "--format", "{{.Names}}"
+        "ps", "-a", "--filter", f"name=boincd__{PROJECT}__gpu_c_0", "--format", "{{.Names}}"
     )
     assert names == ""
 

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.docker
 PREFIX = "boincd-imgcache-test"
 PROJECT = "test.example.org_proj"
 LAYER = 300_000  # each app image's own layer: one file of this many bytes
-# Container names are `boinc__<project>__<result>`: unique results, as other
+# Container names are `boincd__<project>__<result>`: unique results, as other
 # test runs may use the same engine at the same time.
 RUN = uuid.uuid4().hex[:8]
 
@@ -285,7 +285,7 @@ def test_accounting_equals_system_df_through_pulls_loads_builds_and_removals(
     assert_accounting_equals_df(daemon)
     built = next(i for i in images_status(daemon)["items"] if i["id"] == built_id)
     assert built["unique_bytes"] == 12_345
-    assert built["ref"].startswith("boinc__test.example.org_proj__")
+    assert built["ref"].startswith("boincd__test.example.org_proj__")
 
     # Removals: the daemon's own (tasks gone, cache emptied), then a foreign one.
     for result in (f"acct_pull-{RUN}", f"acct_load-{RUN}", f"acct_build-{RUN}"):

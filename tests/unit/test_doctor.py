@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import stat as stat_module
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from boincd_containers.doctor import (
     HostProbe,
     run_doctor,
 )
-from boincd_containers.hostprobe import GIB, run_command
+from boincd_containers.hostprobe import GIB, LabelledContainer, run_command
 
 WSL2_VERSION = (
     "Linux version 5.15.153.1-microsoft-standard-WSL2 (root@1c602f52c2e4) "
@@ -436,3 +439,315 @@ def test_cgroup_v1_with_rootless_docker_cannot_limit(tmp_path: Path) -> None:
     probe = make_probe(tmp_path, {"proc/cgroups": V1_TABLE})
     (tmp_path / "sys/fs/cgroup/cgroup.controllers").unlink()
     assert "rootless Docker" in by_id(run_doctor(probe, engine), "cgroup.version").title
+
+
+# -- the local BOINC client: version, its start-up docker cleanup, our old names ------------
+
+SERVICE = "[Service]\nUser=boinc\nWorkingDirectory=/var/lib/boinc\nExecStart=/usr/bin/boinc\n"
+SOCKET = "/var/run/docker.sock"
+
+
+def client_state(version: str, engine: tuple[str, int] | None = None) -> str:
+    major, minor, release = version.split(".")
+    host_info = (
+        f"<host_info>\n<p_ncpus>2</p_ncpus>\n<docker_version>{engine[0]}</docker_version>\n"
+        f"<docker_type>{engine[1]}</docker_type>\n</host_info>\n"
+        if engine
+        else "<host_info>\n<p_ncpus>2</p_ncpus>\n</host_info>\n"
+    )
+    return (
+        f"<client_state>\n{host_info}<core_client_major_version>{major}"
+        f"</core_client_major_version>\n<core_client_minor_version>{minor}"
+        f"</core_client_minor_version>\n<core_client_release>{release}"
+        "</core_client_release>\n</client_state>\n"
+    )
+
+
+def boinc_host(
+    tmp_path: Path,
+    version: str | None,
+    *,
+    files: Mapping[str, str] | None = None,
+    commands: Mapping[tuple[str, ...], str] | None = None,
+    socket_mode: int = 0o660,
+    socket_gid: int = 999,
+) -> HostProbe:
+    """Debian's layout: the service runs /usr/bin/boinc in /var/lib/boinc; the engine's
+    socket is root:docker (gid 999) with ``socket_mode``."""
+    base = {"lib/systemd/system/boinc-client.service": SERVICE, "var/lib/boinc/.keep": ""}
+    if version is not None:
+        base["usr/bin/boinc"] = ""
+    cmds: dict[tuple[str, ...], str] = dict(commands or {})
+    if version:
+        cmds["/usr/bin/boinc", "--version"] = f"{version} x86_64-pc-linux-gnu"
+    probe = make_probe(tmp_path, {**base, **(files or {})}, cmds)
+    assert isinstance(probe.run, FakeRunner)
+    del probe.run.answers["boinc", "--version"]  # the healthy host's PATH client: not here
+
+    def stat(path: Path) -> os.stat_result:
+        if path != tmp_path / SOCKET.lstrip("/"):
+            raise FileNotFoundError(path)
+        return os.stat_result(
+            (stat_module.S_IFSOCK | socket_mode, 1, 1, 1, 0, socket_gid, 0, 0, 0, 0)
+        )
+
+    probe.stat = stat
+    return probe
+
+
+IN_DOCKER_GROUP: dict[tuple[str, ...], str] = {
+    ("id", "-G", "boinc"): "1000 999",
+    ("getent", "group", "999"): "docker:x:999:boinc",
+}
+
+
+def test_client_version_from_the_service_unit(tmp_path: Path) -> None:
+    report = run_doctor(boinc_host(tmp_path, "8.2.15"), DOCKER)
+    finding = by_id(report, "boinc.client")
+    assert finding.title == "BOINC client 8.2.15"
+    assert "/usr/bin/boinc (boinc-client.service, data dir /var/lib/boinc)" in finding.detail
+    data = report.to_json()["boinc_client"]
+    assert data["version"] == "8.2.15"
+    assert [c["source"] for c in data["clients"]] == ["boinc-client.service"]
+
+
+def test_client_on_path_and_elsewhere_are_both_listed(tmp_path: Path) -> None:
+    probe = boinc_host(
+        tmp_path,
+        "7.20.5",
+        files={"opt/boinc8/boinc": ""},
+        commands={("/opt/boinc8/boinc", "--version"): "8.2.15 x86_64-pc-linux-gnu"},
+    )
+    probe.env = {"PATH": "/opt/boinc8:/usr/bin"}
+    finding = by_id(run_doctor(probe, DOCKER), "boinc.client")
+    assert finding.title == "BOINC client 7.20.5"  # the service's comes first
+    assert "Also: 8.2.15 at /opt/boinc8/boinc (PATH" in finding.detail
+
+
+def test_running_client_comes_first_with_its_own_flags(tmp_path: Path) -> None:
+    probe = boinc_host(
+        tmp_path,
+        "7.20.5",
+        files={
+            "proc/4242/comm": "boinc\n",
+            "proc/4242/cmdline": "/opt/b/boinc\0--dir\0/srv/boinc\0--allow_multiple_clients\0",
+            "proc/77/comm": "bash\n",
+            # Named boinc but no client: listed, never the headline.
+            "proc/12/comm": "boinc\n",
+            "proc/12/cmdline": "/tmp/boinc\0",
+            "tmp/boinc": "",
+            "srv/boinc/.keep": "",
+        },
+        commands={("/opt/b/boinc", "--version"): "8.2.15 x86_64-pc-linux-gnu", **IN_DOCKER_GROUP},
+    )
+    report = run_doctor(probe, DOCKER)
+    finding = by_id(report, "boinc.client")
+    assert finding.title == "BOINC client 8.2.15"
+    assert "running, pid 4242, data dir /srv/boinc" in finding.detail
+    assert "7.20.5 at /usr/bin/boinc" in finding.detail
+    assert "(version unknown) at /tmp/boinc (running, pid 12" in finding.detail
+    cleanup = by_id(report, "boinc.docker_cleanup")
+    assert cleanup.severity == "info"
+    assert "cleanup off (allow_multiple_clients)" in cleanup.title
+
+
+def test_nothing_of_boinc_installed(tmp_path: Path) -> None:
+    probe = make_probe(tmp_path, healthy=False)
+    report = run_doctor(probe, DOCKER)
+    assert by_id(report, "boinc.client").severity == "warning"
+    assert "boinc.docker_cleanup" not in ids(report)
+    assert report.to_json()["boinc_client"]["version"] is None
+
+
+def test_version_from_client_state_when_no_program_is_found(tmp_path: Path) -> None:
+    probe = boinc_host(
+        tmp_path,
+        None,
+        files={"var/lib/boinc/client_state.xml": client_state("8.2.7")},
+        commands=IN_DOCKER_GROUP,
+    )
+    report = run_doctor(probe, DOCKER)
+    assert by_id(report, "boinc.client").title == "BOINC client 8.2.7"
+    assert "last ran in /var/lib/boinc" in by_id(report, "boinc.client").detail
+    assert by_id(report, "boinc.docker_cleanup").severity == "warning"
+
+
+@pytest.mark.parametrize(
+    ("version", "severity"),
+    [
+        ("7.20.5", None),
+        ("8.0.4", None),
+        ("8.2.0", "warning"),
+        ("8.2.10", "warning"),
+        ("8.2.11", "info"),
+        ("8.2.15", "info"),
+    ],
+)
+def test_cleanup_by_client_version(tmp_path: Path, version: str, severity: str | None) -> None:
+    report = run_doctor(boinc_host(tmp_path, version, commands=IN_DOCKER_GROUP), DOCKER)
+    if severity is None:
+        assert "boinc.docker_cleanup" not in ids(report)
+        return
+    finding = by_id(report, "boinc.docker_cleanup")
+    assert finding.severity == severity
+    assert "boincd__" in finding.detail  # our own containers are safe by name
+    assert "boinc is in group docker of /var/run/docker.sock" in finding.detail
+    if severity == "warning":
+        assert "cannot turn that off" in finding.title
+        assert finding.fix.startswith("Upgrade the BOINC client to 8.2.11 or later")
+        assert "allow_multiple_clients" in finding.fix
+    else:
+        assert "allow_multiple_clients` would turn it off" in finding.detail
+    assert report.exit_code() == 0  # a warning, not a blocker
+
+
+def test_old_client_running_as_root_reaches_the_rootful_engine(tmp_path: Path) -> None:
+    files = {
+        "proc/900/comm": "boinc\n",
+        "proc/900/cmdline": "/usr/bin/boinc\0--dir\0/root/boinc\0",
+        "proc/900/status": "Name:\tboinc\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n",
+    }
+    report = run_doctor(boinc_host(tmp_path, "8.2.7", files=files), DOCKER)
+    finding = by_id(report, "boinc.docker_cleanup")
+    assert finding.severity == "warning"  # the boinc user itself may not open the socket
+    assert "the client /usr/bin/boinc (pid 900) runs as root" in finding.detail
+
+
+def test_old_client_that_cannot_reach_the_engine_is_only_info(tmp_path: Path) -> None:
+    finding = by_id(run_doctor(boinc_host(tmp_path, "8.2.7"), DOCKER), "boinc.docker_cleanup")
+    assert finding.severity == "info"
+    assert "boinc may not open /var/run/docker.sock" in finding.detail
+
+
+def test_socket_open_to_everyone_counts_as_reachable(tmp_path: Path) -> None:
+    probe = boinc_host(tmp_path, "8.2.7", socket_mode=0o666)
+    finding = by_id(run_doctor(probe, DOCKER), "boinc.docker_cleanup")
+    assert finding.severity == "warning"
+    assert "open to all users" in finding.detail
+
+
+def test_boinc_users_own_rootless_podman_is_reachable(tmp_path: Path) -> None:
+    probe = boinc_host(tmp_path, "8.2.3", files={USER_SLICE: V2_ALL})
+    assert by_id(run_doctor(probe, ROOTLESS_PODMAN), "boinc.docker_cleanup").severity == "warning"
+
+
+def test_client_that_last_used_its_own_podman_does_not_reach_rootful_docker(
+    tmp_path: Path,
+) -> None:
+    state = client_state("8.2.7", ("4.3.1", 2))
+    probe = boinc_host(
+        tmp_path,
+        "8.2.7",
+        files={"var/lib/boinc/client_state.xml": state},
+        commands=IN_DOCKER_GROUP,
+    )
+    finding = by_id(run_doctor(probe, DOCKER), "boinc.docker_cleanup")
+    assert finding.severity == "info"
+    assert "Its last start found podman 4.3.1." in finding.detail
+
+
+def test_without_engine_facts_the_cleanup_is_not_judged(tmp_path: Path) -> None:
+    finding = by_id(run_doctor(boinc_host(tmp_path, "8.2.7"), None), "boinc.docker_cleanup")
+    assert finding.severity == "info"
+    assert "unknown" in finding.detail
+
+
+@pytest.mark.parametrize(
+    ("cc_config", "off"),
+    [
+        (
+            "<cc_config><options><allow_multiple_clients>1</allow_multiple_clients>"
+            "</options></cc_config>",
+            True,
+        ),
+        ("<cc_config><options><allow_multiple_clients/></options></cc_config>", True),
+        (
+            "<cc_config><options><allow_multiple_clients>0</allow_multiple_clients>"
+            "</options></cc_config>",
+            False,
+        ),
+        (
+            "<cc_config><!-- <options><allow_multiple_clients>1</allow_multiple_clients>"
+            "</options> --></cc_config>",
+            False,
+        ),
+    ],
+)
+def test_allow_multiple_clients_in_cc_config(tmp_path: Path, cc_config: str, off: bool) -> None:
+    probe = boinc_host(tmp_path, "8.2.15", files={"var/lib/boinc/cc_config.xml": cc_config})
+    title = by_id(run_doctor(probe, DOCKER), "boinc.docker_cleanup").title
+    assert ("cleanup off" in title) is off
+
+
+def test_allow_multiple_clients_does_not_help_before_8_2_11(tmp_path: Path) -> None:
+    cc_config = "<options><allow_multiple_clients>1</allow_multiple_clients></options>"
+    probe = boinc_host(
+        tmp_path,
+        "8.2.9",
+        files={"var/lib/boinc/cc_config.xml": cc_config},
+        commands=IN_DOCKER_GROUP,
+    )
+    assert by_id(run_doctor(probe, DOCKER), "boinc.docker_cleanup").severity == "warning"
+
+
+INSTANCE = "a" * 32
+OTHER = "b" * 32
+
+
+def labelled(*containers: LabelledContainer) -> EngineFacts:
+    return dataclasses.replace(DOCKER, instance_id=INSTANCE, labelled=containers)
+
+
+def test_old_name_containers_are_listed_and_at_risk_under_an_old_client(tmp_path: Path) -> None:
+    engine = labelled(
+        LabelledContainer("boinc__p.org_x__r_1", INSTANCE, "running", "p.org_x", "r_1"),
+        LabelledContainer("boincd__p.org_x__r_2", INSTANCE, "running", "p.org_x", "r_2"),
+        LabelledContainer("boinc__p.org_x__r_3", OTHER, "exited", "p.org_x", "r_3"),
+    )
+    report = run_doctor(boinc_host(tmp_path, "8.2.7", commands=IN_DOCKER_GROUP), engine)
+    ours = by_id(report, "containers.old_name")
+    assert ours.severity == "warning"
+    assert ours.title.startswith("1 container(s) of boincd-containers")
+    assert "boinc__p.org_x__r_1 (running; task r_1 of p.org_x)" in ours.detail
+    assert "r_2" not in ours.detail
+    assert "r_3" not in ours.detail
+    assert "BOINC client 8.2.7 here does so at its next start" in ours.detail
+    assert "systemctl restart boincd-containers" in ours.fix
+    theirs = by_id(report, "containers.old_name_other")
+    assert "boinc__p.org_x__r_3 (exited" in theirs.detail
+    assert "docker rm -f boinc__p.org_x__r_3" in theirs.fix
+    listed = report.to_json()["old_name_containers"]
+    assert [(c["name"], c["owner"]) for c in listed] == [
+        ("boinc__p.org_x__r_1", INSTANCE),
+        ("boinc__p.org_x__r_3", OTHER),
+    ]
+    assert report.exit_code() == 0
+
+
+def test_old_name_containers_under_a_7_20_client_are_info(tmp_path: Path) -> None:
+    engine = labelled(LabelledContainer("boinc__p__r", INSTANCE, "paused"))
+    finding = by_id(run_doctor(boinc_host(tmp_path, "7.20.5"), engine), "containers.old_name")
+    assert finding.severity == "info"
+    assert "boinc__p__r (paused)" in finding.detail
+
+
+def test_old_name_containers_without_a_known_instance_id(tmp_path: Path) -> None:
+    engine = dataclasses.replace(
+        DOCKER, labelled=(LabelledContainer("boinc__p__r", OTHER, "running"),)
+    )
+    report = run_doctor(boinc_host(tmp_path, "8.2.15", commands=IN_DOCKER_GROUP), engine)
+    finding = by_id(report, "containers.old_name")
+    assert "instance id is unknown" in finding.title
+    assert finding.severity == "warning"  # 8.2.15 without allow_multiple_clients cleans up
+    assert "containers.old_name_other" not in ids(report)
+
+
+def test_no_old_name_containers(tmp_path: Path) -> None:
+    engine = labelled(LabelledContainer("boincd__p__r", INSTANCE, "running"))
+    report = run_doctor(boinc_host(tmp_path, "8.2.7"), engine)
+    assert by_id(report, "containers.old_name").severity == "ok"
+    # Not listed at all (engine mute, or doctor without an engine): no claim either way.
+    unlisted = run_doctor(boinc_host(tmp_path, "8.2.7"), DOCKER)
+    assert "containers.old_name" not in ids(unlisted)
+    assert unlisted.to_json()["old_name_containers"] is None
+    assert report.to_json()["old_name_containers"] == []

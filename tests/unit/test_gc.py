@@ -357,7 +357,7 @@ async def test_a_finished_task_goes_after_the_grace_with_its_bytes(rig: Rig) -> 
     rig.age(GRACE)
     report = await rig.collector.collect()
     assert [(r.kind, r.name, r.bytes) for r in report.removed] == [
-        ("container", "boinc__proj__done_0", 12345),
+        ("container", "boincd__proj__done_0", 12345),
         ("volume", "a" * 64, 777),
     ]
     assert report.freed_bytes == 13122
@@ -486,7 +486,7 @@ async def test_foreign_containers_are_never_judged(rig: Rig) -> None:
     (rig.tmp / "slots").mkdir(exist_ok=True)
     for owner in ({}, {L.OWNER: "someone-else"}):
         cid = await rig.engine.create_container(
-            f"boinc__proj__x{len(owner)}",
+            f"boincd__proj__x{len(owner)}",
             {
                 "Image": "boincd-test/busybox:latest",
                 "Labels": {**owner, L.RESULT: f"x{len(owner)}", L.SLOT: gone},

@@ -228,7 +228,7 @@ async def test_a_container_created_by_a_killed_daemon_is_adopted_not_duplicated(
     }
     labels = {L.OWNER: "me", L.RESULT: "r_0", L.PROJECT: "proj", L.SLOT: str(slot)}
     engine.late = {
-        "name": "boinc__proj__r_0",
+        "name": "boincd__proj__r_0",
         "config": {"Image": "boincd-test/busybox:latest", "Labels": labels, "HostConfig": {}},
     }
     try:
@@ -252,7 +252,7 @@ async def test_a_foreign_container_that_appears_meanwhile_is_still_refused(
     slot = tmp_path / "slot"
     slot.mkdir()
     engine.late = {
-        "name": "boinc__proj__r_0",
+        "name": "boincd__proj__r_0",
         "config": {"Image": "boincd-test/busybox:latest", "Labels": {}, "HostConfig": {}},
     }
     try:

@@ -193,7 +193,7 @@ async def test_removal_only_of_ours_and_never_while_used_or_leased(
     outcome = await cache.remove(resolved.id)
     assert (outcome.removed, outcome.reason) == (False, "a task is about to use it")
     cid = await engine.create_container(
-        "boinc__proj__r_0", {"Image": resolved.id, "Labels": {}, "HostConfig": {}}
+        "boincd__proj__r_0", {"Image": resolved.id, "Labels": {}, "HostConfig": {}}
     )
     cache.release("r_0")
     assert (await cache.remove(resolved.id)).reason == "a container uses it"
@@ -272,7 +272,7 @@ async def test_a_build_is_cached_by_context_and_a_failed_build_leaves_nothing(
     noise = {"stderr.txt": "noise that must not change the hash"}
     request = req(tmp_path, "r_0", {**dockerfile, **noise}, build=True)
     built = await cache.ensure(request)
-    assert built.ref.startswith("boinc__proj__")
+    assert built.ref.startswith("boincd__proj__")
     assert engine.store[built.id]["Config"]["Labels"][L.OWNER] == "me"
     again = req(tmp_path, "r_1", dockerfile, build=True)
     assert (await cache.ensure(again)).id == built.id

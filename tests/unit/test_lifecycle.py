@@ -62,7 +62,7 @@ async def test_create_or_attach_is_idempotent(rig: Rig, tmp_path: Path) -> None:
     assert record.state == "created"
     again = await rig.tasks.create_or_attach(req, 0)
     assert again.container_id == record.container_id
-    assert [c for c in rig.engine.calls if c[0] == "create"] == [("create", "boinc__proj__r_0")]
+    assert [c for c in rig.engine.calls if c[0] == "create"] == [("create", "boincd__proj__r_0")]
 
 
 async def test_verbs_drive_the_container(rig: Rig, tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ async def test_a_foreign_container_with_our_name_is_refused_and_left_alone(
     rig: Rig, tmp_path: Path
 ) -> None:
     foreign = await rig.engine.create_container(
-        "boinc__proj__r_0", {"Image": "boincd-test/busybox:latest", "Labels": {}, "HostConfig": {}}
+        "boincd__proj__r_0", {"Image": "boincd-test/busybox:latest", "Labels": {}, "HostConfig": {}}
     )
     with pytest.raises(Conflict, match="does not belong to this daemon"):
         await rig.tasks.create_or_attach(request(tmp_path / "slot"), 0)

@@ -54,7 +54,7 @@ class Rig:
         if unenforced:
             labels[L.UNENFORCED] = unenforced
         config = {"Image": "boincd-test/busybox:latest", "Labels": labels, "HostConfig": {}}
-        cid = await self.engine.create_container(f"boinc__p__{result}", config)
+        cid = await self.engine.create_container(f"boincd__p__{result}", config)
         await self.engine.start_container(cid)
         await self.registry.relist()
         return cid

@@ -108,10 +108,3 @@ def test_container_config_is_locked_down(tmp_path: Path) -> None:
         )["HostConfig"]["NetworkMode"]
         == "bridge"
     )
-
-
-def test_container_name_follows_docker_wrapper_scheme() -> None:
-    assert (
-        L.container_name("www.example.org_proj", "wu_1_0") == "boinc__www.example.org_proj__wu_1_0"
-    )
-    assert L.container_name("a b", "r/1") == "boinc__a_b__r_1"
