@@ -27,6 +27,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from benchmarks.bench_client import bench_client
 from benchmarks.bench_fleet import bench_fleet
 from benchmarks.bench_monitor_sample import bench_monitor_sample
 from benchmarks.bench_pull import bench_pull
@@ -44,6 +45,7 @@ BENCHES: dict[str, Bench] = {
     "fleet": bench_fleet,  # 3 (daemon CPU), 5, 6
     "pull": bench_pull,  # 4
     "throughput": bench_throughput,  # 7
+    "client": bench_client,  # 8: latency under the real BOINC client
 }
 
 

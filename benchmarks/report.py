@@ -69,6 +69,11 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"| {c['key']} | {what} | {_num(c['value'], c['unit'])} | {base} "
                 f"| {_ratio(c['ratio'])} | {c['goal']} | {_met(c)} |"
             )
+    for result in doc["results"]:
+        # A group's own table (e.g. a breakdown by phase), as markdown lines.
+        extra = result.get("details", {}).get("extra_md")
+        if extra:
+            lines += ["", *extra]
     lines.append("")
     seconds = ", ".join(f"{r['name']} {r['seconds']:.0f} s" for r in doc["results"])
     lines.append(f"Seconds per group: {seconds}.")
