@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from importlib.metadata import PackageNotFoundError
@@ -21,6 +20,7 @@ from .images import ImageCache
 from .log import get_logger
 from .monitor import Monitor
 from .peercred import writer_uids
+from .persist import write_text
 from .providers import StatusProvider
 from .registry import Registry, TaskRecord
 from .settings import Settings, SettingsError
@@ -45,9 +45,7 @@ def load_instance_id(state_dir: Path) -> str:
     except FileNotFoundError:
         pass
     new_id = uuid.uuid4().hex
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new_id + "\n")
-    os.replace(tmp, path)
+    write_text(path, new_id + "\n")
     return new_id
 
 

@@ -176,6 +176,8 @@ class TaskManager:
             record.notify()
         except Exception as exc:  # a bug: report it on the task instead of losing it
             record.state, record.error = "failed", BoincdError(f"internal error: {exc!r}")
+            if self.gpus is not None:
+                self.gpus.release(request.result)
             log.error("task preparation crashed", result=request.result, exc_info=exc)
             record.notify()
         finally:
@@ -230,10 +232,15 @@ class TaskManager:
         it, so that a kill by the client's cleanup is told from the app's own exit."""
         async with self.locked(result):
             record = self._ready(result)
-            self.detached.add(result)
+            # Pause first: a state disk that refuses the mark must not leave the
+            # container running. The mark is kept in memory all the same (the
+            # StateWriteError that follows is retryable and undoes nothing).
             if record.state == "running":
                 await self.engine.pause_container(record.container_id)
-            return await self.registry.refresh(record)
+            await self.registry.refresh(record)
+            record.detached = True
+            self.detached.add(result)
+            return record
 
     async def resume(self, result: str) -> TaskRecord:
         async with self.locked(result):
@@ -277,11 +284,11 @@ class TaskManager:
                 await self.engine.remove_container(record.container_id)
             if self.gpus is not None:
                 self.gpus.release(result)
-            self.detached.discard(result)
             if record is not None:
                 record.state = "removed"
                 record.notify()
             log.info("task removed", result=result)
+            self.detached.discard(result)  # last: a refused save undoes nothing above
 
     async def wait(self, result: str, timeout_s: float) -> TaskRecord:
         """Return when the task is neither running nor being prepared, or at the timeout.
