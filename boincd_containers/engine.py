@@ -135,6 +135,10 @@ class Engine:
         self._configured_host = docker_host
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5)
         self._client: aiodocker.Docker | None = None
+        # Calls in flight on each session: a session that reset() retired is
+        # closed only when its last call ends, so one loop's reset never cuts
+        # another's pull, event stream or request.
+        self._users: dict[aiodocker.Docker, int] = {}
         self._info: EngineInfo | None = None
         self.host = ""
 
@@ -149,14 +153,39 @@ class Engine:
             self._client = aiodocker.Docker(url=self.host, timeout=self._timeout)
         return self._client
 
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[aiodocker.Docker]:
+        """The current session, held for one call (or one stream) however long it takes."""
+        docker = await self._docker()
+        self._users[docker] = self._users.get(docker, 0) + 1
+        try:
+            yield docker
+        finally:
+            self._users[docker] -= 1
+            if self._users[docker] == 0:
+                del self._users[docker]
+                if docker is not self._client:  # retired by reset() meanwhile
+                    with contextlib.suppress(Exception):
+                        await docker.close()
+
     async def close(self) -> None:
+        """Close every session, also those still in use (shutdown)."""
+        sessions = set(self._users)
         if self._client is not None:
-            client, self._client = self._client, None
-            await client.close()
+            sessions.add(self._client)
+        self._client = None
+        self._users.clear()
+        for client in sessions:
+            with contextlib.suppress(Exception):
+                await client.close()
 
     async def reset(self) -> None:
-        """Forget the connection so the next call finds and negotiates the engine again."""
-        await self.close()
+        """Find and negotiate the engine again at the next call. Calls in flight keep
+        their session until they end (then it closes): one loop that lost the engine
+        must not cut every other pull, event stream and request with it."""
+        client, self._client = self._client, None
+        if client is not None and not self._users.get(client):
+            await client.close()
 
     async def _call(
         self,
@@ -171,19 +200,19 @@ class Engine:
         headers: dict[str, str] | None = None,
         versioned: bool = True,
     ) -> Any:
-        docker = await self._docker()
         data = json.dumps(body).encode() if body is not None and not raw else body
         hdrs = headers or ({"Content-Type": "application/json"} if body is not None else None)
         try:
-            return await docker._query_json(
-                path,
-                method,
-                params=params,
-                data=data,
-                headers=hdrs,
-                timeout=aiohttp.ClientTimeout(total=timeout) if timeout else self._timeout,
-                versioned_api=versioned,
-            )
+            async with self._session() as docker:
+                return await docker._query_json(
+                    path,
+                    method,
+                    params=params,
+                    data=data,
+                    headers=hdrs,
+                    timeout=aiohttp.ClientTimeout(total=timeout) if timeout else self._timeout,
+                    versioned_api=versioned,
+                )
         except (TimeoutError, DockerError, aiohttp.ClientError, OSError) as exc:
             if isinstance(exc, DockerError) and exc.status == 304:
                 return None  # "already in that state": the verbs are idempotent
@@ -512,16 +541,18 @@ class Engine:
         headers: dict[str, str] | None = None,
         progress: ProgressCallback | None = None,
     ) -> None:
-        docker = await self._docker()
         try:
-            async with docker._query(
-                path,
-                method,
-                params=params,
-                data=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600),
-            ) as response:
+            async with (
+                self._session() as docker,
+                docker._query(
+                    path,
+                    method,
+                    params=params,
+                    data=body,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600),
+                ) as response,
+            ):
                 async for raw_line in response.content:
                     if not raw_line.strip():
                         continue
@@ -582,12 +613,12 @@ class Engine:
     async def _event_stream(
         self, what: str, filters: dict[str, list[str]], since: float | None
     ) -> AsyncIterator[JSON]:
-        docker = await self._docker()
         params: JSON = {"filters": json.dumps(filters)}
         if since is not None:
             params["since"] = str(int(since))
         try:
             async with (
+                self._session() as docker,
                 docker._query(
                     "events",
                     "GET",
