@@ -48,6 +48,10 @@ class GpuService:
     def release(self, result: str) -> None:
         self.allocator.release(result)
 
+    def dropped(self, record: TaskRecord) -> None:
+        """Registry hook: the container is gone, however it went; so is its share."""
+        self.allocator.release(record.result)
+
     def restore(self, record: TaskRecord, labels: dict[str, str]) -> None:
         # A card that is gone: the task fails on its own and is collected later.
         with contextlib.suppress(GpuError):

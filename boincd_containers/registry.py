@@ -226,6 +226,9 @@ class Registry:
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         # Called for each container adopted on a re-list (GPU shares are rebuilt so).
         self.on_adopt: list[Callable[[TaskRecord, dict[str, str]], None]] = []
+        # Called for each record dropped because its container is gone, whoever
+        # removed it (a person's `docker rm -f` too): GPU shares are released so.
+        self.on_drop: list[Callable[[TaskRecord], None]] = []
         # Called after the first re-list of each connection to the engine.
         self.on_connect: list[Callable[[], Awaitable[None]]] = []
 
@@ -307,6 +310,11 @@ class Registry:
             record.notify()
             if self.tasks.get(record.result) is record:
                 del self.tasks[record.result]
+                for hook in self.on_drop:
+                    try:
+                        hook(record)
+                    except Exception as exc:  # one hook's bug must not keep the rest
+                        log.error("task drop hook failed", result=record.result, exc_info=exc)
         return record
 
     async def handle_event(self, event: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ from .persist import write_text
 from .providers import StatusProvider
 from .registry import Registry, TaskRecord
 from .settings import Settings, SettingsError
+from .supervise import supervise
 from .tasks import TaskManager
 
 log = get_logger(__name__)
@@ -84,6 +85,7 @@ class Daemon:
         self.monitor = Monitor(self.registry)
         self.gpus = GpuService(GpuAllocator(gpu_backends(settings.gpu_backend)), self.registry)
         self.registry.on_adopt.append(self.gpus.restore)
+        self.registry.on_drop.append(self.gpus.dropped)
         self.registry.on_connect.append(self.images.adopt_legacy_tags)
         self.tasks = TaskManager(
             settings,
@@ -95,7 +97,8 @@ class Daemon:
         )
         self.extra_status: list[StatusProvider] = [self.monitor, self.gpus]
         # Background loops of the features attached to this daemon (gc, inventory...):
-        # each runs inside the lifecycle's TaskGroup and is cancelled at shutdown.
+        # each runs supervised (supervise.py) inside the lifecycle's TaskGroup, and
+        # is cancelled at shutdown.
         self.loops: list[Callable[[], Coroutine[Any, Any, None]]] = [
             lambda: self.registry.follow(self.settings.relist_interval_s),
             lambda: self.monitor.run(self.settings.sample_interval_s),
@@ -105,7 +108,9 @@ class Daemon:
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: background loops live exactly as long as the app."""
         async with asyncio.TaskGroup() as group:
-            loops = [group.create_task(make()) for make in self.loops]
+            # Supervised: one loop's failure is logged and the loop restarted; left
+            # to the TaskGroup it would cancel the server and every other loop.
+            loops = [group.create_task(supervise(make)) for make in self.loops]
             log.info("daemon started", instance_id=self.instance_id, socket=self.settings.socket)
             yield
             # Ordered shutdown: stop taking work, stop loops, then let go of the
