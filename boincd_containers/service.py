@@ -14,7 +14,7 @@ from aiohttp import web
 
 from .engine import Engine
 from .errors import BoincdError
-from .gpu import GpuAllocator, GpuBackend, default_backends
+from .gpu import GpuAllocator, GpuBackend, TimedBackend, default_backends
 from .gpus import GpuService
 from .images import ImageCache
 from .log import get_logger
@@ -83,7 +83,10 @@ class Daemon:
         self.registry = Registry(self.engine, self.instance_id)
         self.images = ImageCache(self.engine, self.state_dir, self.instance_id)
         self.monitor = Monitor(self.registry)
-        self.gpus = GpuService(GpuAllocator(gpu_backends(settings.gpu_backend)), self.registry)
+        backends = [
+            TimedBackend(b, settings.gpu_timeout_s) for b in gpu_backends(settings.gpu_backend)
+        ]
+        self.gpus = GpuService(GpuAllocator(backends), self.registry, settings.gpu_timeout_s)
         self.registry.on_adopt.append(self.gpus.restore)
         self.registry.on_drop.append(self.gpus.dropped)
         self.registry.on_connect.append(self.images.adopt_legacy_tags)

@@ -53,6 +53,9 @@ class Settings:
     # GPU inventory: "auto" (NVML for NVIDIA, /sys for AMD and Intel), "none" (give
     # containers no GPU), or "fake:N" (N pretend NVIDIA cards, for tests on GPU-less hosts).
     gpu_backend: str = "auto"
+    # The longest one GPU driver call (NVML, sysfs) may take before the daemon
+    # stops waiting for it: a hung driver must not hang `ctl status` or a task.
+    gpu_timeout_s: float = 10.0
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
