@@ -25,7 +25,15 @@ from aiodocker.exceptions import DockerError
 
 from . import engine_compat, proctree
 from .engine_hosts import identify, is_podman, pick_host
-from .errors import BadRequest, BoincdError, Conflict, ImageError, NotFound, Unavailable
+from .errors import (
+    BadRequest,
+    BoincdError,
+    Conflict,
+    EngineRefused,
+    ImageError,
+    NotFound,
+    Unavailable,
+)
 
 JSON = dict[str, Any]
 ProgressCallback = Callable[[JSON], Awaitable[None] | None]
@@ -103,6 +111,33 @@ def engine_process_started_at(host: str) -> float:
             starts.append(float(psutil.Process(conn.pid).create_time()))
     # With socket activation systemd holds the socket too: the engine is the youngest.
     return max(starts, default=0.0)
+
+
+# The OCI runtime refusing a container (runc, crun): the same config fails the
+# same way every time (a mount over /proc, a bad working dir), unless the cause
+# is the host's passing state, named by these.
+_OCI_REFUSAL = ("oci runtime", "oci permission denied", "oci not found")
+_TRANSIENT = (
+    "resource temporarily unavailable",
+    "cannot allocate memory",
+    "device or resource busy",
+    "too many open files",
+    "timeout",
+    "timed out",
+    "connection refused",
+    "transport is closing",
+    "interrupted system call",
+    _DISK_FULL,
+)
+
+
+def _refused_for_good(exc: Unavailable) -> EngineRefused | None:
+    """A create or start the OCI runtime refused, for a cause that cannot pass: the
+    task fails with the engine's message. None: worth a retry after all."""
+    lowered = exc.message.lower()
+    if any(m in lowered for m in _OCI_REFUSAL) and not any(m in lowered for m in _TRANSIENT):
+        return EngineRefused(exc.message)
+    return None
 
 
 def _translate(exc: BaseException, what: str) -> BoincdError:
@@ -276,13 +311,19 @@ class Engine:
             engine_compat.adapt_create(
                 config, info.description, info.limits, info.uid_map, info.gid_map
             )
-        created = await self._call(
-            f"create container {name}",
-            "containers/create",
-            "POST",
-            params={"name": name},
-            body=config,
-        )
+        try:
+            created = await self._call(
+                f"create container {name}",
+                "containers/create",
+                "POST",
+                params={"name": name},
+                body=config,
+            )
+        except Unavailable as exc:
+            refused = _refused_for_good(exc)
+            if refused is None:
+                raise
+            raise refused from exc
         return str(created["Id"])
 
     async def inspect_container(self, ref: str, *, size: bool = False) -> JSON:
@@ -311,7 +352,13 @@ class Engine:
         )
 
     async def start_container(self, ref: str) -> None:
-        await self._call(f"start container {ref}", f"containers/{ref}/start", "POST")
+        try:
+            await self._call(f"start container {ref}", f"containers/{ref}/start", "POST")
+        except Unavailable as exc:
+            refused = _refused_for_good(exc)
+            if refused is None:
+                raise
+            raise refused from exc
 
     async def pause_container(self, ref: str) -> None:
         if self._info is not None and not self._info.freezer:

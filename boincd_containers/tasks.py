@@ -14,6 +14,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
+
 from . import labels as L
 from .engine import Engine
 from .errors import BoincdError, Conflict, NotFound
@@ -56,6 +58,27 @@ class TaskManager:
         self._preparing: dict[str, asyncio.Task[None]] = {}
         self.detached = PersistentSet(Path(settings.state_dir) / "detached.json")
         registry.detached = self.detached
+
+    @property
+    def default_memory_bytes(self) -> int:
+        """The memory limit of a task without a bound of BOINC's (settings.py)."""
+        if self.settings.default_memory_bytes is not None:
+            return self.settings.default_memory_bytes
+        return int(psutil.virtual_memory().total // 2)
+
+    def _read_only_root(self, request: TaskRequest, uid: int) -> bool:
+        """The job's choice, else read-only where the task user is not root inside
+        the container: the slot owner's uid (the BOINC user), absent from the
+        image's passwd, HOME=/, can write nothing of the image's root but its
+        sticky scratch dirs, and those become tmpfs. Where it is root inside (a
+        slot owned by root; a rootless engine, whose own user is root inside),
+        images write to /root, /var... today: their root stays writable
+        (docs/api.md)."""
+        if request.read_only_root is not None:
+            return request.read_only_root
+        info = self.engine.info
+        rootless = info is not None and (info.rootless or bool(info.uid_map))
+        return uid != 0 and not rootless
 
     @asynccontextmanager
     async def locked(self, result: str) -> AsyncIterator[None]:
@@ -146,6 +169,9 @@ class TaskManager:
                 gid=gid,
                 pids_limit=self.settings.pids_limit,
                 network_name=self.settings.network_name,
+                default_memory_bytes=self.default_memory_bytes,
+                read_only_root=self._read_only_root(request, uid),
+                tmp_bytes=self.settings.tmp_size_bytes,
             )
             # From the id resolved now: when the tag moves on, this task keeps its image.
             config["Image"] = image.id

@@ -7,6 +7,7 @@ paths inside its own slot and project dirs, owned by the caller.
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from dataclasses import dataclass, field
@@ -18,6 +19,12 @@ from .errors import BadRequest, Forbidden
 from .priority import Priority
 
 MIN_MEMORY_BYTES = 6 * 1024 * 1024  # the engines refuse less
+# Docker refuses a CPU limit under 0.01 CPUs ("Range of CPUs is from 0.01 to N"),
+# and over the host's count: a task always gets a limit within that range.
+MIN_NANO_CPUS = 10_000_000
+# The writable /tmp (and /var/tmp) of a read-only root: memory (tmpfs pages count
+# in the container's memory limit), bounded in size.
+DEFAULT_TMP_BYTES = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +62,9 @@ class TaskRequest:
     disk_bytes: int = 0
     gpu: GpuRequest | None = None
     env: dict[str, str] = field(default_factory=dict)
-    read_only_root: bool = False
+    # None: the daemon's default (tasks.py: read-only where the task user is not
+    # root inside the container); job.toml's `read_only_root` decides otherwise.
+    read_only_root: bool | None = None
     # False while BOINC has network activity suspended: no pull, wait instead.
     allow_fetch: bool = True
     # The shim's own priority, which the client chose for the task (priority.py).
@@ -143,7 +152,7 @@ def parse_request(body: Any) -> TaskRequest:
         disk_bytes=disk,
         gpu=gpu,
         env=_str_dict(body, "env"),
-        read_only_root=bool(_get(body, "read_only_root", bool, False)),
+        read_only_root=_get(body, "read_only_root", bool),
         allow_fetch=bool(_get(body, "allow_fetch", bool, True)),
         priority=priority,
     )
@@ -207,6 +216,14 @@ def check_paths(request: TaskRequest, peer_uid: int) -> tuple[int, int]:
     return st.st_uid, st.st_gid
 
 
+def nano_cpus(ncpus: float) -> int:
+    """BOINC's `ncpus` as an engine CPU limit, always within what the engine takes."""
+    host = float(os.cpu_count() or 1)
+    if not math.isfinite(ncpus) or ncpus <= 0:
+        ncpus = 1.0
+    return max(MIN_NANO_CPUS, min(int(ncpus * 1e9), int(host * 1e9)))
+
+
 def container_config(
     request: TaskRequest,
     image: str,
@@ -216,8 +233,15 @@ def container_config(
     gid: int,
     pids_limit: int,
     network_name: str,
+    default_memory_bytes: int = 0,
+    read_only_root: bool | None = None,
+    tmp_bytes: int = DEFAULT_TMP_BYTES,
 ) -> dict[str, Any]:
-    """The Engine API create body: locked down by default, loosened only where the job asks."""
+    """The Engine API create body: locked down by default, loosened only where the job asks.
+
+    `default_memory_bytes`: the memory limit when BOINC gave the task no bound;
+    `read_only_root`: the caller's decision (None: the request's, else writable).
+    """
     slot = os.path.realpath(request.slot_dir)
     mounts: list[dict[str, Any]] = [
         {"Type": "bind", "Source": slot, "Target": request.workdir, "ReadOnly": False}
@@ -243,18 +267,28 @@ def container_config(
         )
     host_config: dict[str, Any] = {
         "Mounts": mounts,
-        "NanoCpus": int(request.ncpus * 1e9),
+        "NanoCpus": nano_cpus(request.ncpus),
         "PidsLimit": pids_limit,
         "CapDrop": ["ALL"],
         "SecurityOpt": ["no-new-privileges"],
         "NetworkMode": network_name if request.network else "none",
-        "ReadonlyRootfs": request.read_only_root,
         "RestartPolicy": {"Name": "no"},
     }
-    if request.memory_bytes:
-        memory = max(request.memory_bytes, MIN_MEMORY_BYTES)
+    # A limit always: BOINC's bound, else the daemon's default (a task without one
+    # could take the host's memory from the volunteer).
+    memory = max(request.memory_bytes or default_memory_bytes, 0)
+    if memory:
+        memory = max(memory, MIN_MEMORY_BYTES)
         # Same as Memory: no swap beyond the bound BOINC gave the task.
         host_config.update({"Memory": memory, "MemorySwap": memory})
+    read_only = request.read_only_root if read_only_root is None else read_only_root
+    host_config["ReadonlyRootfs"] = bool(read_only)
+    if read_only:
+        # What a task user may write in an image's root: the sticky scratch dirs.
+        # No noexec: apps unpack and run helpers there (PyInstaller does).
+        size = min(tmp_bytes, memory) if memory else tmp_bytes
+        options = f"rw,nosuid,nodev,mode=1777,size={size}"
+        host_config["Tmpfs"] = {"/tmp": options, "/var/tmp": options}
     env = {
         "BOINC_RESULT": request.result,
         "BOINC_PROJECT": request.project,
