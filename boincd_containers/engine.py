@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,6 +61,10 @@ class EngineInfo:
     # stops every container when it shuts down: one that exited before this was
     # interrupted, not finished (see TaskRecord.interrupted_by_reboot).
     started_at: float = 0.0
+    # When this daemon first had an answer from that engine process: Docker
+    # answers only once it has restored its containers, and without live-restore
+    # that means stopping those an engine that died (SIGKILL, crash) left running.
+    answered_at: float = 0.0
 
     @property
     def description(self) -> str:
@@ -261,6 +266,7 @@ class Engine:
         # ask /version once more itself, and Podman answers /version slowly (it
         # runs dpkg-query or rpm for each of its components).
         version = await self._call("engine version", "version", versioned=False)
+        answered_at = time.time()
         docker = await self._docker()
         if docker.api_version == "auto" and version.get("ApiVersion"):
             docker.api_version = f"v{version['ApiVersion']}"
@@ -279,6 +285,9 @@ class Engine:
         started_at = 0.0
         if identity.kind == "docker":
             started_at = await asyncio.to_thread(engine_process_started_at, self.host)
+        previous = self._info
+        if previous is not None and started_at and previous.started_at == started_at:
+            answered_at = previous.answered_at  # the same engine process as before
         self._info = EngineInfo(
             kind=identity.kind,
             version=str(version.get("Version", "")),
@@ -293,6 +302,7 @@ class Engine:
             uid_map=uid_map,
             gid_map=gid_map,
             started_at=started_at,
+            answered_at=answered_at,
         )
         return self._info
 

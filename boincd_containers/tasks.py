@@ -235,6 +235,7 @@ class TaskManager:
                         "restarting an interrupted task",
                         result=result,
                         reboot=record.interrupted_by_reboot,
+                        engine_restart=record.interrupted_by_engine_restart,
                         killed_while_detached=record.killed_while_detached,
                     )
                 await self.engine.start_container(record.container_id)
