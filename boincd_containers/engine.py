@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +26,15 @@ from aiodocker.exceptions import DockerError
 
 from . import engine_compat, proctree
 from .engine_hosts import identify, is_podman, pick_host
-from .errors import BadRequest, BoincdError, Conflict, ImageError, NotFound, Unavailable
+from .errors import (
+    BadRequest,
+    BoincdError,
+    Conflict,
+    EngineRefused,
+    ImageError,
+    NotFound,
+    Unavailable,
+)
 
 JSON = dict[str, Any]
 ProgressCallback = Callable[[JSON], Awaitable[None] | None]
@@ -52,6 +61,10 @@ class EngineInfo:
     # stops every container when it shuts down: one that exited before this was
     # interrupted, not finished (see TaskRecord.interrupted_by_reboot).
     started_at: float = 0.0
+    # When this daemon first had an answer from that engine process: Docker
+    # answers only once it has restored its containers, and without live-restore
+    # that means stopping those an engine that died (SIGKILL, crash) left running.
+    answered_at: float = 0.0
 
     @property
     def description(self) -> str:
@@ -94,15 +107,102 @@ def engine_process_started_at(host: str) -> float:
         connections = psutil.net_connections("unix")
     except (psutil.Error, OSError):
         return 0.0
-    starts = []
+    pids = set()
     for conn in connections:
         bound = conn.laddr if isinstance(conn.laddr, str) else ""
         if not conn.pid or os.path.basename(bound) != name or os.path.realpath(bound) != path:
             continue
-        with contextlib.suppress(psutil.Error):
-            starts.append(float(psutil.Process(conn.pid).create_time()))
+        pids.add(conn.pid)
+    if not pids:
+        # /proc/net/unix lists our network namespace only: an engine in its own
+        # (e.g. started under `unshare --net`) is found through its processes'.
+        pids = _listeners_elsewhere(path, name)
+    starts = [start for start in map(process_started_at, pids) if start > 0]
     # With socket activation systemd holds the socket too: the engine is the youngest.
     return max(starts, default=0.0)
+
+
+def process_started_at(pid: int) -> float:
+    """When a process started, to the clock tick; 0.0 when unknown.
+
+    psutil's create_time adds the start to the boot time of /proc/stat, whole
+    seconds that drift from the wall clock: measured here, 0.3 s early, which
+    put an engine's start after a container it then stopped. The boot clock
+    gives the time since the start exactly.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+        since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot)
+    except (OSError, ValueError, IndexError, AttributeError):
+        with contextlib.suppress(psutil.Error):
+            return float(psutil.Process(pid).create_time())
+        return 0.0
+
+
+def _listeners_elsewhere(path: str, name: str) -> set[int]:
+    """Pids holding a Unix socket bound to `path`, looked up in every network
+    namespace but ours."""
+    try:
+        own = os.readlink("/proc/self/ns/net")
+    except OSError:
+        return set()
+    namespaces, inodes = {own}, set()
+    for pid in psutil.pids():
+        try:
+            namespace = os.readlink(f"/proc/{pid}/ns/net")
+            if namespace in namespaces:
+                continue
+            namespaces.add(namespace)
+            with open(f"/proc/{pid}/net/unix") as fh:
+                lines = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # Num RefCount Protocol Flags Type St Inode Path
+            bound = fields[7] if len(fields) >= 8 else ""
+            if os.path.basename(bound) == name and os.path.realpath(bound) == path:
+                inodes.add(f"socket:[{fields[6]}]")
+    if not inodes:
+        return set()
+    holders = set()
+    for pid in psutil.pids():
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                        holders.add(pid)
+                        break
+    return holders
+
+
+# The OCI runtime refusing a container (runc, crun): the same config fails the
+# same way every time (a mount over /proc, a bad working dir), unless the cause
+# is the host's passing state, named by these.
+_OCI_REFUSAL = ("oci runtime", "oci permission denied", "oci not found")
+_TRANSIENT = (
+    "resource temporarily unavailable",
+    "cannot allocate memory",
+    "device or resource busy",
+    "too many open files",
+    "timeout",
+    "timed out",
+    "connection refused",
+    "transport is closing",
+    "interrupted system call",
+    _DISK_FULL,
+)
+
+
+def _refused_for_good(exc: Unavailable) -> EngineRefused | None:
+    """A create or start the OCI runtime refused, for a cause that cannot pass: the
+    task fails with the engine's message. None: worth a retry after all."""
+    lowered = exc.message.lower()
+    if any(m in lowered for m in _OCI_REFUSAL) and not any(m in lowered for m in _TRANSIENT):
+        return EngineRefused(exc.message)
+    return None
 
 
 def _translate(exc: BaseException, what: str) -> BoincdError:
@@ -135,6 +235,10 @@ class Engine:
         self._configured_host = docker_host
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5)
         self._client: aiodocker.Docker | None = None
+        # Calls in flight on each session: a session that reset() retired is
+        # closed only when its last call ends, so one loop's reset never cuts
+        # another's pull, event stream or request.
+        self._users: dict[aiodocker.Docker, int] = {}
         self._info: EngineInfo | None = None
         self.host = ""
 
@@ -149,14 +253,39 @@ class Engine:
             self._client = aiodocker.Docker(url=self.host, timeout=self._timeout)
         return self._client
 
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[aiodocker.Docker]:
+        """The current session, held for one call (or one stream) however long it takes."""
+        docker = await self._docker()
+        self._users[docker] = self._users.get(docker, 0) + 1
+        try:
+            yield docker
+        finally:
+            self._users[docker] -= 1
+            if self._users[docker] == 0:
+                del self._users[docker]
+                if docker is not self._client:  # retired by reset() meanwhile
+                    with contextlib.suppress(Exception):
+                        await docker.close()
+
     async def close(self) -> None:
+        """Close every session, also those still in use (shutdown)."""
+        sessions = set(self._users)
         if self._client is not None:
-            client, self._client = self._client, None
-            await client.close()
+            sessions.add(self._client)
+        self._client = None
+        self._users.clear()
+        for client in sessions:
+            with contextlib.suppress(Exception):
+                await client.close()
 
     async def reset(self) -> None:
-        """Forget the connection so the next call finds and negotiates the engine again."""
-        await self.close()
+        """Find and negotiate the engine again at the next call. Calls in flight keep
+        their session until they end (then it closes): one loop that lost the engine
+        must not cut every other pull, event stream and request with it."""
+        client, self._client = self._client, None
+        if client is not None and not self._users.get(client):
+            await client.close()
 
     async def _call(
         self,
@@ -171,19 +300,19 @@ class Engine:
         headers: dict[str, str] | None = None,
         versioned: bool = True,
     ) -> Any:
-        docker = await self._docker()
         data = json.dumps(body).encode() if body is not None and not raw else body
         hdrs = headers or ({"Content-Type": "application/json"} if body is not None else None)
         try:
-            return await docker._query_json(
-                path,
-                method,
-                params=params,
-                data=data,
-                headers=hdrs,
-                timeout=aiohttp.ClientTimeout(total=timeout) if timeout else self._timeout,
-                versioned_api=versioned,
-            )
+            async with self._session() as docker:
+                return await docker._query_json(
+                    path,
+                    method,
+                    params=params,
+                    data=data,
+                    headers=hdrs,
+                    timeout=aiohttp.ClientTimeout(total=timeout) if timeout else self._timeout,
+                    versioned_api=versioned,
+                )
         except (TimeoutError, DockerError, aiohttp.ClientError, OSError) as exc:
             if isinstance(exc, DockerError) and exc.status == 304:
                 return None  # "already in that state": the verbs are idempotent
@@ -197,6 +326,7 @@ class Engine:
         # ask /version once more itself, and Podman answers /version slowly (it
         # runs dpkg-query or rpm for each of its components).
         version = await self._call("engine version", "version", versioned=False)
+        answered_at = time.time()
         docker = await self._docker()
         if docker.api_version == "auto" and version.get("ApiVersion"):
             docker.api_version = f"v{version['ApiVersion']}"
@@ -215,6 +345,9 @@ class Engine:
         started_at = 0.0
         if identity.kind == "docker":
             started_at = await asyncio.to_thread(engine_process_started_at, self.host)
+        previous = self._info
+        if previous is not None and started_at and previous.started_at == started_at:
+            answered_at = previous.answered_at  # the same engine process as before
         self._info = EngineInfo(
             kind=identity.kind,
             version=str(version.get("Version", "")),
@@ -229,6 +362,7 @@ class Engine:
             uid_map=uid_map,
             gid_map=gid_map,
             started_at=started_at,
+            answered_at=answered_at,
         )
         return self._info
 
@@ -247,13 +381,19 @@ class Engine:
             engine_compat.adapt_create(
                 config, info.description, info.limits, info.uid_map, info.gid_map
             )
-        created = await self._call(
-            f"create container {name}",
-            "containers/create",
-            "POST",
-            params={"name": name},
-            body=config,
-        )
+        try:
+            created = await self._call(
+                f"create container {name}",
+                "containers/create",
+                "POST",
+                params={"name": name},
+                body=config,
+            )
+        except Unavailable as exc:
+            refused = _refused_for_good(exc)
+            if refused is None:
+                raise
+            raise refused from exc
         return str(created["Id"])
 
     async def inspect_container(self, ref: str, *, size: bool = False) -> JSON:
@@ -282,7 +422,13 @@ class Engine:
         )
 
     async def start_container(self, ref: str) -> None:
-        await self._call(f"start container {ref}", f"containers/{ref}/start", "POST")
+        try:
+            await self._call(f"start container {ref}", f"containers/{ref}/start", "POST")
+        except Unavailable as exc:
+            refused = _refused_for_good(exc)
+            if refused is None:
+                raise
+            raise refused from exc
 
     async def pause_container(self, ref: str) -> None:
         if self._info is not None and not self._info.freezer:
@@ -521,16 +667,18 @@ class Engine:
         headers: dict[str, str] | None = None,
         progress: ProgressCallback | None = None,
     ) -> None:
-        docker = await self._docker()
         try:
-            async with docker._query(
-                path,
-                method,
-                params=params,
-                data=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600),
-            ) as response:
+            async with (
+                self._session() as docker,
+                docker._query(
+                    path,
+                    method,
+                    params=params,
+                    data=body,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600),
+                ) as response,
+            ):
                 async for raw_line in response.content:
                     if not raw_line.strip():
                         continue
@@ -591,12 +739,12 @@ class Engine:
     async def _event_stream(
         self, what: str, filters: dict[str, list[str]], since: float | None
     ) -> AsyncIterator[JSON]:
-        docker = await self._docker()
         params: JSON = {"filters": json.dumps(filters)}
         if since is not None:
             params["since"] = str(int(since))
         try:
             async with (
+                self._session() as docker,
                 docker._query(
                     "events",
                     "GET",

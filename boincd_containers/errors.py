@@ -73,3 +73,22 @@ class NetworkSuspended(BoincdError):
     code = "network_suspended"
     http_status = 409
     default_retryable = True
+
+
+class StateWriteError(Unavailable):
+    """A file of the daemon's state dir cannot be written (disk full, read-only).
+
+    Retryable: what was to be saved is kept in memory and written with the next
+    change that succeeds; the volunteer can free space meanwhile.
+    """
+
+    code = "state_write_failed"
+
+
+class EngineRefused(BoincdError):
+    """The engine refused the container for good (e.g. the OCI runtime cannot set it
+    up: a mount over /proc): no retry can succeed, so the task fails with the
+    engine's own message."""
+
+    code = "engine_refused"
+    http_status = 422

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import unescape
 
+from .errors import StateWriteError
 from .log import get_logger
+from .persist import write_json
 from .registry import TaskRecord
 
 log = get_logger(__name__)
@@ -207,16 +209,11 @@ class LeaseBook:
         )
         if not changed:
             return
-        tmp = self.path.with_suffix(".tmp")
         try:
-            with tmp.open("w") as fh:
-                json.dump(self.seen, fh, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except OSError as exc:
+            write_json(self.path, self.seen, sort_keys=True)
+        except StateWriteError as exc:
             # A full or read-only disk must not stop the daemon; leases then restart
             # at the next start, which only ever delays a collection.
-            log.warning("cannot save shim last-seen times", path=str(self.path), error=str(exc))
+            log.warning("cannot save shim last-seen times", path=str(self.path), error=exc.message)
             return
         self._saved = dict(self.seen)

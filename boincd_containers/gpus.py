@@ -23,9 +23,15 @@ def _translate(exc: GpuError) -> BoincdError:
 
 
 class GpuService:
-    def __init__(self, allocator: GpuAllocator, registry: Registry) -> None:
+    def __init__(
+        self, allocator: GpuAllocator, registry: Registry, timeout_s: float = 10.0
+    ) -> None:
         self.allocator = allocator
         self.registry = registry
+        # How long status waits for the GPU inventory before it answers with the
+        # last one (the backends have their own deadline per driver call).
+        self.timeout_s = timeout_s
+        self._last: dict[str, Any] = {"devices": [], "shares": [], "errors": []}
 
     async def apply(
         self, request: TaskRequest, body: dict[str, Any], engine_kind: str
@@ -48,6 +54,10 @@ class GpuService:
     def release(self, result: str) -> None:
         self.allocator.release(result)
 
+    def dropped(self, record: TaskRecord) -> None:
+        """Registry hook: the container is gone, however it went; so is its share."""
+        self.allocator.release(record.result)
+
     def restore(self, record: TaskRecord, labels: dict[str, str]) -> None:
         # A card that is gone: the task fails on its own and is collected later.
         with contextlib.suppress(GpuError):
@@ -63,6 +73,20 @@ class GpuService:
         containers = {
             r.result: r.container_id for r in self.registry.tasks.values() if r.container_id
         }
-        snap = await asyncio.to_thread(self.allocator.snapshot, containers)
+        try:
+            snap = await asyncio.wait_for(
+                asyncio.to_thread(self.allocator.snapshot, containers), self.timeout_s
+            )
+        except TimeoutError:
+            # The thread ends on its own (each driver call has a deadline); the
+            # answer cannot wait for it.
+            stale = dict(self._last)
+            stale["errors"] = [
+                *stale.get("errors", []),
+                f"the GPU inventory did not answer within {self.timeout_s:g} s: "
+                "showing what was last known",
+            ]
+            return stale
         data: dict[str, Any] = snap.to_dict()
+        self._last = data
         return data

@@ -11,7 +11,6 @@ labelled builds, which it recognises again).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from .accounting import normalize_id
 from .log import get_logger
+from .persist import write_json
 
 log = get_logger(__name__)
 
@@ -82,15 +82,12 @@ class ImageRecords:
             self.save()
 
     def save(self) -> None:
-        self.dirty = False
+        """Write the records; raises StateWriteError (retryable) and stays dirty when
+        the state disk refuses: the records in memory are kept and saved next time."""
         data = {"version": _VERSION, "images": self.images, "tags": self.tags}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        self.dirty = True
+        write_json(self.path, data, indent=1, sort_keys=True)
+        self.dirty = False
 
     def bring(self, image_id: str, ref: str, how: str) -> None:
         now = time.time()

@@ -23,6 +23,7 @@ in between still tells the shim why its container died.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -32,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .errors import BoincdError, NotFound
+from .errors import BoincdError, NotFound, StateWriteError
 from .log import get_logger
+from .persist import write_json
 from .registry import TaskRecord
 
 if TYPE_CHECKING:
@@ -160,13 +162,12 @@ class ExceededLog:
             self._save()
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w") as fh:
-            json.dump(self._items, fh, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        # Never raises: every writer is a limit's kill, which must go on. The entry
+        # stays in memory (the task JSON carries it) and the next change saves all.
+        try:
+            write_json(self.path, self._items, sort_keys=True)
+        except StateWriteError as exc:
+            log.warning("cannot save the exceeded limits", error=exc.message)
 
 
 class DiskLimits:
@@ -316,8 +317,10 @@ class DiskLimits:
                 },
             )
             # A SIGKILLed container of a detached task reads as the client's
-            # cleanup, which the daemon restarts; this one must stay dead.
-            self.tasks.detached.discard(record.result)
+            # cleanup, which the daemon restarts; this one must stay dead. A state
+            # disk that refuses the save keeps it in memory: the kill goes on.
+            with contextlib.suppress(StateWriteError):
+                self.tasks.detached.discard(record.result)
             log.warning(
                 "stopping a task past its disk bound",
                 result=record.result,

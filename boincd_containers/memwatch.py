@@ -18,13 +18,14 @@ The reason goes into the disk-limit feature's record of exceeded limits
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from . import proctree
-from .errors import BoincdError
+from .errors import BoincdError, StateWriteError
 from .limits import LIMITS, ExceededLog
 from .log import get_logger
 from .registry import TaskRecord
@@ -113,8 +114,10 @@ class MemoryWatch:
                 },
             )
             # A SIGKILLed container of a detached task reads as the client's
-            # cleanup, which the daemon restarts; this one must stay dead.
-            self.tasks.detached.discard(record.result)
+            # cleanup, which the daemon restarts; this one must stay dead. A state
+            # disk that refuses the save keeps it in memory: the kill goes on.
+            with contextlib.suppress(StateWriteError):
+                self.tasks.detached.discard(record.result)
             log.warning(
                 "stopping a task past its memory bound",
                 result=record.result,

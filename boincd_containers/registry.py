@@ -27,6 +27,9 @@ log = get_logger(__name__)
 # Exit codes of a process ended by a signal at host shutdown (SIGKILL, SIGTERM)
 # or by the engine losing it (255); an app's own failure rarely looks like these.
 _SHUTDOWN_EXIT_CODES = {137, 143, 255}
+# The longest an engine's start-up may take to stop the containers a dead engine
+# left running (Docker: each container's stop timeout, 10 s by default, all at once).
+ENGINE_RESTORE_S = 120.0
 # How engines name SIGKILL in "kill" events: the daemon's own kills, not a stop.
 _SIGKILL = ("9", "KILL", "SIGKILL")
 
@@ -82,7 +85,12 @@ class TaskRecord:
     # When the engine's process started (EngineInfo.started_at) and when this run
     # of the container began: see `interrupted_by_reboot` and `stopped_by_engine`.
     engine_started_at: float = 0.0
+    # When this daemon first had an answer from that engine process (EngineInfo).
+    engine_answered_at: float = 0.0
     started_at: float = 0.0
+    # When the daemon lost the engine while this container ran (its event stream
+    # broke); 0 once the container is seen running after that (it survived).
+    engine_lost_at: float = 0.0
     # When the engine sent the container a stop signal (a "kill" event, not SIGKILL).
     stop_signalled_at: float = 0.0
     # The priority its processes are held to: the one its shim last asked for, else
@@ -117,6 +125,34 @@ class TaskRecord:
         )
 
     @property
+    def interrupted_by_engine_restart(self) -> bool:
+        """Stopped by the engine's own start-up: Docker without live-restore stops,
+        when it starts again, every container that an engine which died (SIGKILL,
+        a crash, the OOM killer) left running, and answers its API only then.
+
+        This run of the container began under an earlier engine process, and it
+        ended between that engine's start and its first answer; or the daemon
+        saw the engine go away while the container ran and found it exited on
+        its return (an engine whose process start is unknown: a remote one).
+        """
+        if not (
+            self.state == "exited"
+            and (self.exit_code or 0) in _SHUTDOWN_EXIT_CODES
+            and not self.oom_killed
+            and self.finished_at > 0
+        ):
+            return False
+        if self.engine_lost_at > 0 and self.finished_at >= self.engine_lost_at:
+            return True
+        start = self.engine_started_at
+        if start <= 0 or not 0 < self.started_at < start:
+            return False
+        ready = start + ENGINE_RESTORE_S
+        if self.engine_answered_at > 0:
+            ready = min(ready, self.engine_answered_at)
+        return start <= self.finished_at <= ready
+
+    @property
     def killed_while_detached(self) -> bool:
         """SIGKILLed after its shim quit: the BOINC client's cleanup, not the app.
 
@@ -147,7 +183,12 @@ class TaskRecord:
     def interrupted(self) -> bool:
         """The task did not finish: start the container again (the app resumes
         from its own checkpoint files in the slot)."""
-        return self.interrupted_by_reboot or self.killed_while_detached or self.stopped_by_engine
+        return (
+            self.interrupted_by_reboot
+            or self.interrupted_by_engine_restart
+            or self.killed_while_detached
+            or self.stopped_by_engine
+        )
 
     def apply_inspect(self, data: dict[str, Any]) -> None:
         state = data.get("State") or {}
@@ -170,6 +211,8 @@ class TaskRecord:
         self.oom_killed = bool(state.get("OOMKilled", False))
         self.finished_at = parse_engine_time(str(state.get("FinishedAt", "")))
         self.started_at = parse_engine_time(str(state.get("StartedAt", "")))
+        if self.state in ("running", "paused", "created"):
+            self.engine_lost_at = 0.0  # it outlived the outage, or runs anew
         self.slot_dir = labels.get(L.SLOT, self.slot_dir)
         self.project_dir = labels.get(L.PROJECT_DIR, self.project_dir)
         self.image = labels.get(L.IMAGE, self.image)
@@ -226,6 +269,9 @@ class Registry:
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         # Called for each container adopted on a re-list (GPU shares are rebuilt so).
         self.on_adopt: list[Callable[[TaskRecord, dict[str, str]], None]] = []
+        # Called for each record dropped because its container is gone, whoever
+        # removed it (a person's `docker rm -f` too): GPU shares are released so.
+        self.on_drop: list[Callable[[TaskRecord], None]] = []
         # Called after the first re-list of each connection to the engine.
         self.on_connect: list[Callable[[], Awaitable[None]]] = []
 
@@ -295,7 +341,9 @@ class Registry:
     def apply(self, record: TaskRecord, data: dict[str, Any]) -> None:
         """Take an inspect answer, with what only the registry knows."""
         record.detached = record.result in self.detached
-        record.engine_started_at = self.engine.info.started_at if self.engine.info else 0.0
+        info = self.engine.info
+        record.engine_started_at = info.started_at if info else 0.0
+        record.engine_answered_at = info.answered_at if info else 0.0
         record.apply_inspect(data)
 
     async def refresh(self, record: TaskRecord) -> TaskRecord:
@@ -307,6 +355,11 @@ class Registry:
             record.notify()
             if self.tasks.get(record.result) is record:
                 del self.tasks[record.result]
+                for hook in self.on_drop:
+                    try:
+                        hook(record)
+                    except Exception as exc:  # one hook's bug must not keep the rest
+                        log.error("task drop hook failed", result=record.result, exc_info=exc)
         return record
 
     async def handle_event(self, event: dict[str, Any]) -> None:
@@ -363,9 +416,18 @@ class Registry:
                 # A bug must not stop the daemon from following the engine for good.
                 self.engine_error = f"internal error: {group_error.exceptions[0]!r}"
                 log.error("event loop failed", exc_info=group_error.exceptions[0])
+            self._mark_engine_lost()
             await self.engine.reset()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+
+    def _mark_engine_lost(self) -> None:
+        """The engine went away (or its stream broke): what ran may be stopped by
+        its return (see TaskRecord.interrupted_by_engine_restart)."""
+        now = time.time()
+        for record in self.tasks.values():
+            if record.state in ("running", "paused") and not record.engine_lost_at:
+                record.engine_lost_at = now
 
     async def _periodic_relist(self, interval_s: float) -> None:
         while True:

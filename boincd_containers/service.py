@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from importlib.metadata import PackageNotFoundError
@@ -15,15 +14,17 @@ from aiohttp import web
 
 from .engine import Engine
 from .errors import BoincdError
-from .gpu import GpuAllocator, GpuBackend, default_backends
+from .gpu import GpuAllocator, GpuBackend, TimedBackend, default_backends
 from .gpus import GpuService
 from .images import ImageCache
 from .log import get_logger
 from .monitor import Monitor
 from .peercred import writer_uids
+from .persist import write_text
 from .providers import StatusProvider
 from .registry import Registry, TaskRecord
 from .settings import Settings, SettingsError
+from .supervise import supervise
 from .tasks import TaskManager
 
 log = get_logger(__name__)
@@ -45,9 +46,7 @@ def load_instance_id(state_dir: Path) -> str:
     except FileNotFoundError:
         pass
     new_id = uuid.uuid4().hex
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new_id + "\n")
-    os.replace(tmp, path)
+    write_text(path, new_id + "\n")
     return new_id
 
 
@@ -84,8 +83,12 @@ class Daemon:
         self.registry = Registry(self.engine, self.instance_id)
         self.images = ImageCache(self.engine, self.state_dir, self.instance_id)
         self.monitor = Monitor(self.registry)
-        self.gpus = GpuService(GpuAllocator(gpu_backends(settings.gpu_backend)), self.registry)
+        backends = [
+            TimedBackend(b, settings.gpu_timeout_s) for b in gpu_backends(settings.gpu_backend)
+        ]
+        self.gpus = GpuService(GpuAllocator(backends), self.registry, settings.gpu_timeout_s)
         self.registry.on_adopt.append(self.gpus.restore)
+        self.registry.on_drop.append(self.gpus.dropped)
         self.registry.on_connect.append(self.images.adopt_legacy_tags)
         self.tasks = TaskManager(
             settings,
@@ -97,7 +100,8 @@ class Daemon:
         )
         self.extra_status: list[StatusProvider] = [self.monitor, self.gpus]
         # Background loops of the features attached to this daemon (gc, inventory...):
-        # each runs inside the lifecycle's TaskGroup and is cancelled at shutdown.
+        # each runs supervised (supervise.py) inside the lifecycle's TaskGroup, and
+        # is cancelled at shutdown.
         self.loops: list[Callable[[], Coroutine[Any, Any, None]]] = [
             lambda: self.registry.follow(self.settings.relist_interval_s),
             lambda: self.monitor.run(self.settings.sample_interval_s),
@@ -107,7 +111,9 @@ class Daemon:
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: background loops live exactly as long as the app."""
         async with asyncio.TaskGroup() as group:
-            loops = [group.create_task(make()) for make in self.loops]
+            # Supervised: one loop's failure is logged and the loop restarted; left
+            # to the TaskGroup it would cancel the server and every other loop.
+            loops = [group.create_task(supervise(make)) for make in self.loops]
             log.info("daemon started", instance_id=self.instance_id, socket=self.settings.socket)
             yield
             # Ordered shutdown: stop taking work, stop loops, then let go of the

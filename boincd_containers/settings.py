@@ -45,6 +45,13 @@ class Settings:
     # How long a task's shim may stay silent before GC may treat the client as gone.
     shim_lease_s: float = 14 * 24 * 3600.0
     pids_limit: int = 4096
+    # The memory limit of a task BOINC gave no `rsc_memory_bound`. None: half the
+    # host's RAM, BOINC's own default share for computing while the computer is in
+    # use (global_prefs `ram_max_used_busy_pct` = 50).
+    default_memory_bytes: int | None = None
+    # The size of the tmpfs /tmp and /var/tmp of a task with a read-only root (at
+    # most its memory limit, in which tmpfs pages count).
+    tmp_size_bytes: int = 1024 * 1024 * 1024
     # None: a share of the free disk under the engine's data root, decided at start.
     image_cache_budget_bytes: int | None = None
     tag_refresh_interval_s: float = 3600.0
@@ -53,6 +60,9 @@ class Settings:
     # GPU inventory: "auto" (NVML for NVIDIA, /sys for AMD and Intel), "none" (give
     # containers no GPU), or "fake:N" (N pretend NVIDIA cards, for tests on GPU-less hosts).
     gpu_backend: str = "auto"
+    # The longest one GPU driver call (NVML, sysfs) may take before the daemon
+    # stops waiting for it: a hung driver must not hang `ctl status` or a task.
+    gpu_timeout_s: float = 10.0
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

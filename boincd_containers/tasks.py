@@ -15,6 +15,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
+
 from . import labels as L
 from .engine import Engine
 from .errors import BoincdError, Conflict, NotFound
@@ -59,6 +61,27 @@ class TaskManager:
         self.detached = PersistentSet(Path(settings.state_dir) / "detached.json")
         self.mounts = MountTable(Path(settings.state_dir))
         registry.detached = self.detached
+
+    @property
+    def default_memory_bytes(self) -> int:
+        """The memory limit of a task without a bound of BOINC's (settings.py)."""
+        if self.settings.default_memory_bytes is not None:
+            return self.settings.default_memory_bytes
+        return int(psutil.virtual_memory().total // 2)
+
+    def _read_only_root(self, request: TaskRequest, uid: int) -> bool:
+        """The job's choice, else read-only where the task user is not root inside
+        the container: the slot owner's uid (the BOINC user), absent from the
+        image's passwd, HOME=/, can write nothing of the image's root but its
+        sticky scratch dirs, and those become tmpfs. Where it is root inside (a
+        slot owned by root; a rootless engine, whose own user is root inside),
+        images write to /root, /var... today: their root stays writable
+        (docs/api.md)."""
+        if request.read_only_root is not None:
+            return request.read_only_root
+        info = self.engine.info
+        rootless = info is not None and (info.rootless or bool(info.uid_map))
+        return uid != 0 and not rootless
 
     @asynccontextmanager
     async def locked(self, result: str) -> AsyncIterator[None]:
@@ -174,6 +197,9 @@ class TaskManager:
                 pids_limit=self.settings.pids_limit,
                 network_name=self.settings.network_name,
                 host_paths=self._host_paths(request, paths),
+                default_memory_bytes=self.default_memory_bytes,
+                read_only_root=self._read_only_root(request, paths.owner.uid),
+                tmp_bytes=self.settings.tmp_size_bytes,
             )
             # From the id resolved now: when the tag moves on, this task keeps its image.
             config["Image"] = image.id
@@ -204,6 +230,8 @@ class TaskManager:
             record.notify()
         except Exception as exc:  # a bug: report it on the task instead of losing it
             record.state, record.error = "failed", BoincdError(f"internal error: {exc!r}")
+            if self.gpus is not None:
+                self.gpus.release(request.result)
             log.error("task preparation crashed", result=request.result, exc_info=exc)
             record.notify()
         finally:
@@ -249,6 +277,7 @@ class TaskManager:
                         "restarting an interrupted task",
                         result=result,
                         reboot=record.interrupted_by_reboot,
+                        engine_restart=record.interrupted_by_engine_restart,
                         killed_while_detached=record.killed_while_detached,
                     )
                 await self._ensure_mounts(record)
@@ -279,10 +308,15 @@ class TaskManager:
         it, so that a kill by the client's cleanup is told from the app's own exit."""
         async with self.locked(result):
             record = self._ready(result)
-            self.detached.add(result)
+            # Pause first: a state disk that refuses the mark must not leave the
+            # container running. The mark is kept in memory all the same (the
+            # StateWriteError that follows is retryable and undoes nothing).
             if record.state == "running":
                 await self.engine.pause_container(record.container_id)
-            return await self.registry.refresh(record)
+            await self.registry.refresh(record)
+            record.detached = True
+            self.detached.add(result)
+            return record
 
     async def resume(self, result: str) -> TaskRecord:
         async with self.locked(result):
@@ -331,11 +365,11 @@ class TaskManager:
                 self.release_mounts(L.container_name(record.project, record.result))
             if self.gpus is not None:
                 self.gpus.release(result)
-            self.detached.discard(result)
             if record is not None:
                 record.state = "removed"
                 record.notify()
             log.info("task removed", result=result)
+            self.detached.discard(result)  # last: a refused save undoes nothing above
 
     async def wait(self, result: str, timeout_s: float) -> TaskRecord:
         """Return when the task is neither running nor being prepared, or at the timeout.

@@ -7,6 +7,7 @@ paths inside its own slot and project dirs, owned by the caller.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -19,6 +20,12 @@ from .priority import Priority
 from .safepath import Opened, Owner, inside, open_beneath, open_path
 
 MIN_MEMORY_BYTES = 6 * 1024 * 1024  # the engines refuse less
+# Docker refuses a CPU limit under 0.01 CPUs ("Range of CPUs is from 0.01 to N"),
+# and over the host's count: a task always gets a limit within that range.
+MIN_NANO_CPUS = 10_000_000
+# The writable /tmp (and /var/tmp) of a read-only root: memory (tmpfs pages count
+# in the container's memory limit), bounded in size.
+DEFAULT_TMP_BYTES = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +63,9 @@ class TaskRequest:
     disk_bytes: int = 0
     gpu: GpuRequest | None = None
     env: dict[str, str] = field(default_factory=dict)
-    read_only_root: bool = False
+    # None: the daemon's default (tasks.py: read-only where the task user is not
+    # root inside the container); job.toml's `read_only_root` decides otherwise.
+    read_only_root: bool | None = None
     # False while BOINC has network activity suspended: no pull, wait instead.
     allow_fetch: bool = True
     # The shim's own priority, which the client chose for the task (priority.py).
@@ -262,7 +271,7 @@ def parse_request(body: Any) -> TaskRequest:
         disk_bytes=disk,
         gpu=gpu,
         env=_str_dict(body, "env"),
-        read_only_root=_flag(body, "read_only_root", False),
+        read_only_root=_get(body, "read_only_root", bool),
         allow_fetch=_flag(body, "allow_fetch", True),
         priority=priority,
     )
@@ -398,6 +407,14 @@ def check_paths(request: TaskRequest, peer_uid: int) -> CheckedPaths:
         raise
 
 
+def nano_cpus(ncpus: float) -> int:
+    """BOINC's `ncpus` as an engine CPU limit, always within what the engine takes."""
+    host = float(os.cpu_count() or 1)
+    if not math.isfinite(ncpus) or ncpus <= 0:
+        ncpus = 1.0
+    return max(MIN_NANO_CPUS, min(int(ncpus * 1e9), int(host * 1e9)))
+
+
 def container_config(
     request: TaskRequest,
     image: str,
@@ -408,12 +425,17 @@ def container_config(
     pids_limit: int,
     network_name: str,
     host_paths: HostPaths | None = None,
+    default_memory_bytes: int = 0,
+    read_only_root: bool | None = None,
+    tmp_bytes: int = DEFAULT_TMP_BYTES,
 ) -> dict[str, Any]:
     """The Engine API create body: locked down by default, loosened only where the job asks.
 
     `host_paths` are what the engine mounts (TaskManager always passes them:
     mount points made from check_paths' descriptors); without them, the
     request's own paths, as they are, for tests of the rest of the body.
+    `default_memory_bytes`: the memory limit when BOINC gave the task no bound;
+    `read_only_root`: the caller's decision (None: the request's, else writable).
     """
     host = host_paths or HostPaths(
         request.slot_dir,
@@ -444,18 +466,28 @@ def container_config(
         )
     host_config: dict[str, Any] = {
         "Mounts": mounts,
-        "NanoCpus": int(request.ncpus * 1e9),
+        "NanoCpus": nano_cpus(request.ncpus),
         "PidsLimit": pids_limit,
         "CapDrop": ["ALL"],
         "SecurityOpt": ["no-new-privileges"],
         "NetworkMode": network_name if request.network else "none",
-        "ReadonlyRootfs": request.read_only_root,
         "RestartPolicy": {"Name": "no"},
     }
-    if request.memory_bytes:
-        memory = max(request.memory_bytes, MIN_MEMORY_BYTES)
+    # A limit always: BOINC's bound, else the daemon's default (a task without one
+    # could take the host's memory from the volunteer).
+    memory = max(request.memory_bytes or default_memory_bytes, 0)
+    if memory:
+        memory = max(memory, MIN_MEMORY_BYTES)
         # Same as Memory: no swap beyond the bound BOINC gave the task.
         host_config.update({"Memory": memory, "MemorySwap": memory})
+    read_only = request.read_only_root if read_only_root is None else read_only_root
+    host_config["ReadonlyRootfs"] = bool(read_only)
+    if read_only:
+        # What a task user may write in an image's root: the sticky scratch dirs.
+        # No noexec: apps unpack and run helpers there (PyInstaller does).
+        size = min(tmp_bytes, memory) if memory else tmp_bytes
+        options = f"rw,nosuid,nodev,mode=1777,size={size}"
+        host_config["Tmpfs"] = {"/tmp": options, "/var/tmp": options}
     env = {
         "BOINC_RESULT": request.result,
         "BOINC_PROJECT": request.project,

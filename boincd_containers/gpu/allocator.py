@@ -25,6 +25,7 @@ from boincd_containers.gpu.backend import (
     GpuRequestError,
     GpuShareStatus,
     GpuSnapshot,
+    GpuTimeout,
     GpuUnavailable,
     Vendor,
     normalize_gpu_type,
@@ -146,16 +147,21 @@ class GpuAllocator:
         the card or its driver cannot be used, GpuRequestError for a request
         no retry can satisfy.
         """
+        held = self.get(result)
+        if held is not None:
+            return held
+        vendor = normalize_gpu_type(gpu_type)
+        if not math.isfinite(usage) or usage <= 0:
+            raise GpuRequestError(
+                f"Task {result} asks for a GPU share of {usage!r}; it must be above 0."
+            )
+        # The inventory outside the lock: a slow or hung driver must not hold up
+        # release() and snapshot(), which the event loop waits for.
+        devices = self.devices(vendor)
         with self._lock:
-            held = self._holdings.get(result)
-            if held is not None:
-                return self._assignment(held)
-            vendor = normalize_gpu_type(gpu_type)
-            if not math.isfinite(usage) or usage <= 0:
-                raise GpuRequestError(
-                    f"Task {result} asks for a GPU share of {usage!r}; it must be above 0."
-                )
-            devices = self.devices(vendor)
+            held_now = self._holdings.get(result)
+            if held_now is not None:
+                return self._assignment(held_now)
             if not devices:
                 raise GpuUnavailable(
                     f"BOINC gave task {result} a {VENDOR_NAMES[vendor]} GPU, but none is "
@@ -354,6 +360,12 @@ class GpuAllocator:
         for backend in self.backends:
             try:
                 found = list(backend.devices())
+            except GpuTimeout as exc:
+                # A hung driver: the cards as last seen, with the news.
+                errors.append(exc.message)
+                with self._lock:
+                    devices.extend(d for d in self._known.values() if d.vendor in backend.vendors)
+                continue
             except GpuUnavailable as exc:
                 # A driver that is simply not installed is news only if a task uses it.
                 if not exc.absent or held_vendors & backend.vendors:

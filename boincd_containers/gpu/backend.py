@@ -7,7 +7,10 @@ without GPUs, or without the NVIDIA driver, must run CPU tasks untouched.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -118,6 +121,82 @@ class GpuBackend(Protocol):
     def processes(self, uuid: str) -> Sequence[GpuProcess]: ...
 
     def close(self) -> None: ...
+
+
+class GpuTimeout(GpuUnavailable):
+    """A driver call that did not answer in time (a hung GPU or driver)."""
+
+
+class TimedBackend:
+    """Runs each call of a backend in a thread of its own, with a deadline.
+
+    A hung driver (an NVML call that never returns: a lost GPU, a driver
+    reload) must not hang whoever asked, `GET /v1/status` included. The call
+    is left to its daemon thread; until it returns, every further call fails
+    at once with the same news instead of piling more threads on the stuck
+    driver. Attributes the wrapper lacks (a fake's test controls) are the
+    backend's own.
+    """
+
+    def __init__(self, backend: GpuBackend, timeout_s: float) -> None:
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._stuck: tuple[str, concurrent.futures.Future[Any]] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    @property
+    def vendors(self) -> frozenset[Vendor]:
+        return self.backend.vendors
+
+    def _news(self, what: str) -> str:
+        names = "/".join(VENDOR_NAMES[v] for v in sorted(self.backend.vendors))
+        return (
+            f"{names} GPU driver did not answer {what} within {self.timeout_s:g} s "
+            "(a hung GPU or driver; a reboot may be needed); showing what was last known"
+        )
+
+    def _run(self, what: str, fn: Callable[[], Any]) -> Any:
+        with self._lock:
+            if self._stuck is not None:
+                stuck_what, stuck = self._stuck
+                if not stuck.done():
+                    raise GpuTimeout(self._news(stuck_what))
+                self._stuck = None
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the caller, whatever it is
+                future.set_exception(exc)
+
+        # A daemon thread, not a pool's: a call that never returns must not keep
+        # the daemon from exiting.
+        threading.Thread(target=call, name=f"gpu {what}", daemon=True).start()
+        try:
+            return future.result(self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            with self._lock:
+                self._stuck = (what, future)
+            raise GpuTimeout(self._news(what)) from None
+
+    def devices(self) -> Sequence[GpuDevice]:
+        result: Sequence[GpuDevice] = self._run("for its cards", self.backend.devices)
+        return result
+
+    def processes(self, uuid: str) -> Sequence[GpuProcess]:
+        result: Sequence[GpuProcess] = self._run(
+            f"for the processes on {uuid}", lambda: self.backend.processes(uuid)
+        )
+        return result
+
+    def close(self) -> None:
+        # Nothing more to do with a driver that does not answer.
+        with contextlib.suppress(GpuUnavailable):
+            self._run("at shutdown", self.backend.close)
 
 
 def normalize_gpu_type(gpu_type: str) -> Vendor:

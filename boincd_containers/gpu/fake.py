@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 from boincd_containers.gpu.backend import (
@@ -15,12 +16,16 @@ GIB = 1024**3
 
 
 class FakeGpuBackend:
-    """In-memory inventory; `fail_with` makes every call raise, as a broken driver would."""
+    """In-memory inventory; `fail_with` makes every call raise, as a broken driver would,
+    and `hang` makes every call block, as a hung one does."""
 
     def __init__(self, devices: list[GpuDevice] | None = None) -> None:
         self._devices: list[GpuDevice] = list(devices or [])
         self._processes: dict[str, list[GpuProcess]] = {}
         self.fail_with: GpuUnavailable | None = None
+        # Set to a cleared Event: every call blocks until it is set (a hung driver).
+        self.hang: threading.Event | None = None
+        self.entered = threading.Event()  # set by each call as it starts
         self.closed = False
         self.calls = 0
 
@@ -65,6 +70,9 @@ class FakeGpuBackend:
 
     def _check(self) -> None:
         self.calls += 1
+        self.entered.set()
+        if self.hang is not None:
+            self.hang.wait()
         if self.fail_with is not None:
             raise self.fail_with
 

@@ -1,6 +1,6 @@
 """Faults on the real engine: the daemon SIGKILLed at random points of the task
-lifecycle, the engine stopped and restarted mid-task, the engine down when the
-daemon starts, the engine's disk full.
+lifecycle, the engine stopped (or SIGKILLed) and restarted mid-task, the engine
+down when the daemon starts, the engine's disk full, the daemon's state disk full.
 
 The engine restarts and the full disk use a second dockerd of this test's own
 (its own socket, data root on a small tmpfs, exec root, no bridge, no iptables),
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from boincd_containers import labels as L
@@ -327,8 +328,39 @@ class SecondEngine:
                 self.proc.wait(30)
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would: no container is stopped on the
+        way down (their shims keep them running until the next dockerd starts)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.proc = None
+        # Its own containerd dies with it (a parent-death signal); but a zombie that
+        # no init reaps (as in a container) still reads as running to the next
+        # dockerd, which would wait for it forever: forget its pid.
+        pidfile = self.root / "exec" / "containerd" / "containerd.pid"
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            pid = int(pidfile.read_text().strip())
+
+            def gone() -> bool:
+                try:
+                    return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    return True
+
+            wait_until("the dead dockerd's containerd to end", gone, timeout=60)
+            pidfile.unlink()
+
     def destroy(self) -> None:
         self.stop()
+        # Containers a dead dockerd left to their shims (if it never came back).
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            if cmdline and "containerd-shim" in cmdline[0] and str(self.root) in " ".join(cmdline):
+                with contextlib.suppress(psutil.Error):
+                    for child in proc.children(recursive=True):
+                        child.kill()
+                    proc.kill()
         # Whatever dockerd left mounted under its roots (overlays, netns), deepest first.
         mounts = [
             line.split()[1]
@@ -538,3 +570,134 @@ def test_a_full_engine_disk_gives_clear_errors_and_no_half_objects(
             engine.cli("rm", "-fv", cid, check=False)
         engine.cli("rmi", tag, check=False)
         docker("rmi", tag, check=False)
+
+
+def test_engine_sigkilled_and_restarted_mid_task_the_same_container_runs_on(
+    second_engine: SecondEngine, short_tmp: Path
+) -> None:
+    """dockerd SIGKILLed (a crash, the OOM killer): the next dockerd stops, as it
+    starts, every container the dead one left running (no live-restore here), and
+    their exit 137/143 is no failure of the app: the shim starts the same
+    container again and the app goes on from its slot."""
+    engine = second_engine
+    daemon = engine_daemon(short_tmp / "d", engine)
+    work = "trap 'exit 143' TERM; while true; do echo x >> /app/progress; sleep 0.2; done"
+    slot = boinc_slot(short_tmp, 0, "crash_a")
+    body = task_body(slot, "crash_a", command=["sh", "-c", work])
+    try:
+        daemon.start()
+        first = prepared(daemon, body)
+        assert daemon.request("POST", "/v1/tasks/crash_a/start")["state"] == "running"
+        wait_until("the task working", lambda: progress_lines(slot) > 0)
+
+        for daemon_too in (False, True):
+            if daemon_too:
+                daemon.kill()  # no event, no record: the engine's start time must tell
+            engine.kill()
+            if not daemon_too:
+                wait_until("the daemon to notice", lambda: not reachable(daemon), daemon=daemon)
+            engine.start()
+            if daemon_too:
+                daemon.start()
+            wait_until("the daemon to reconnect", lambda: reachable(daemon), daemon=daemon)
+            state = engine.cli("inspect", "--format", "{{.State.Status}}", first["container_id"])
+            assert state == "exited"  # stopped by the new engine as it started
+            task = wait_until(
+                "the task seen exited",
+                lambda: (
+                    (t := daemon.request("GET", "/v1/tasks/crash_a"))["state"] == "exited" and t
+                ),
+                daemon=daemon,
+            )
+            assert task["interrupted"] is True, (daemon_too, task)
+            assert task["error"] is None
+            # What the shim does with an interrupted task: start it again.
+            again = daemon.request("POST", "/v1/tasks/crash_a/start")
+            assert again["state"] == "running", again
+            assert again["container_id"] == first["container_id"]
+            lines = progress_lines(slot)
+            wait_until("the task working again", lambda n=lines: progress_lines(slot) > n)
+            assert daemon.request("GET", "/v1/tasks/crash_a")["state"] == "running"
+        assert set(engine.owned(daemon.instance_id)) == {"crash_a"}
+    finally:
+        daemon.kill()
+        if engine.proc is None:
+            engine.start()
+        for cid in engine.owned(daemon.instance_id).values():
+            engine.cli("rm", "-fv", cid, check=False)
+
+
+@pytest.fixture
+def small_state_dir(short_tmp: Path) -> Iterator[Path]:
+    """The daemon's state dir on a tmpfs of its own (256 KiB), unmounted after."""
+    state = short_tmp / "d" / "state"
+    state.mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0750", "tmpfs", str(state)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield state
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False, capture_output=True)
+
+
+def test_a_full_state_disk_still_pauses_at_quit_and_still_enforces_limits(
+    second_engine: SecondEngine, short_tmp: Path, small_state_dir: Path
+) -> None:
+    engine = second_engine
+    daemon = engine_daemon(short_tmp / "d", engine)
+    assert daemon.state_dir == str(small_state_dir)
+    slot_quit = boinc_slot(short_tmp, 0, "full_quit")
+    slot_big = boinc_slot(short_tmp, 1, "full_big")
+    filler = small_state_dir / "filler"
+    try:
+        daemon.start()
+        quitting = prepared(daemon, task_body(slot_quit, "full_quit"))
+        big_work = "sleep 1; head -c 4194304 /dev/zero > /app/fill; sleep 300"
+        prepared(
+            daemon,
+            task_body(slot_big, "full_big", command=["sh", "-c", big_work], disk_bytes=1 << 20),
+        )
+        for result in ("full_quit", "full_big"):
+            assert daemon.request("POST", f"/v1/tasks/{result}/start")["state"] == "running"
+        fill(filler)
+
+        # <quit/>: the container is paused all the same, and the answer says why
+        # the mark could not be saved, as a retryable error (the shim exits as usual).
+        with pytest.raises(DaemonError) as info:
+            daemon.request("POST", "/v1/tasks/full_quit/detach")
+        assert info.value.status == 503, info.value.message
+        assert info.value.code == "state_write_failed"
+        assert info.value.retryable
+        assert "No space left on device" in info.value.message
+        assert engine_state_of(engine, quitting["container_id"]) == "paused"
+        task = daemon.request("GET", "/v1/tasks/full_quit")
+        assert (task["state"], task["detached"]) == ("paused", True)
+
+        # The disk bound is still enforced, its reason kept in memory.
+        stopped = wait_until(
+            "the task over its disk bound stopped",
+            lambda: (t := daemon.request("GET", "/v1/tasks/full_big"))["state"] == "exited" and t,
+            timeout=120,
+            daemon=daemon,
+        )
+        assert stopped["exit_code"] == 137
+        assert stopped["limit_exceeded"]["kind"] == "disk", stopped
+        assert stopped["interrupted"] is False
+
+        # Space again: the next start resumes the quit task, and the daemon answers
+        # as before.
+        filler.unlink()
+        assert daemon.request("POST", "/v1/tasks/full_quit/start")["state"] == "running"
+        assert daemon.request("GET", "/v1/status")["engine"]["reachable"] is True
+    finally:
+        filler.unlink(missing_ok=True)
+        daemon.kill()
+        for cid in engine.owned(daemon.instance_id).values():
+            engine.cli("rm", "-fv", cid, check=False)
+
+
+def engine_state_of(engine: SecondEngine, container_id: str) -> str:
+    return engine.cli("inspect", "--format", "{{.State.Status}}", container_id)

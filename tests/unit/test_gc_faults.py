@@ -16,7 +16,12 @@ import pytest
 from aiodocker.exceptions import DockerError
 
 from boincd_containers import labels as L
-from boincd_containers.engine import Engine, _translate, engine_process_started_at
+from boincd_containers.engine import (
+    Engine,
+    _translate,
+    engine_process_started_at,
+    process_started_at,
+)
 from boincd_containers.errors import NotFound, Unavailable
 from boincd_containers.images import ImageCache
 from boincd_containers.registry import Registry, TaskRecord
@@ -141,6 +146,87 @@ async def test_an_exit_before_the_engine_last_started_is_an_interruption(
     assert not record.interrupted
 
 
+def _iso(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1e6):06d}Z"
+
+
+async def test_a_container_the_engine_stopped_as_it_started_again_is_an_interruption(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """dockerd SIGKILLed, then started again: without live-restore it stops, before
+    it answers, each container the dead engine left running (measured: SIGTERM,
+    10 s, SIGKILL: exit 137 between the new process's start and its first answer)."""
+    record = await rig.running(slot_dir(tmp_path))
+    state = rig.engine.containers[record.container_id]["State"]
+    now = time.time()
+    state["StartedAt"] = _iso(now - 600)  # under the engine that died
+    info = await rig.engine.connect()
+    rig.engine.info = type(info)(
+        **{**_fields(info), "started_at": now - 20, "answered_at": now - 5}
+    )
+    rig.engine.exit(record.container_id, 137)
+    state["FinishedAt"] = _iso(now - 9)  # during the new engine's start-up
+    await rig.registry.refresh(record)
+    assert record.interrupted_by_engine_restart
+    assert not record.interrupted_by_reboot
+    assert record.to_json()["interrupted"] is True
+    # Out of the OOM killer's hands, it is the app's own.
+    state["OOMKilled"] = True
+    await rig.registry.refresh(record)
+    assert not record.interrupted
+    state["OOMKilled"] = False
+    # Ended after the engine answered: no start-up stopped it.
+    state["FinishedAt"] = _iso(now - 1)
+    await rig.registry.refresh(record)
+    assert not record.interrupted
+    # Started again under the new engine, its later exit is its own.
+    state["FinishedAt"] = _iso(now - 9)
+    assert (await rig.tasks.start("r_0")).state == "running"
+    state["StartedAt"] = _iso(now - 4)
+    rig.engine.exit(record.container_id, 137)
+    state["FinishedAt"] = _iso(now - 2)
+    await rig.registry.refresh(record)
+    assert not record.interrupted
+
+
+async def test_the_engine_seen_going_away_makes_an_exit_on_its_return_an_interruption(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """Without the engine's start time (a remote engine): the daemon saw the engine
+    go while the container ran, and found it exited with a stop signal's status."""
+    record = await rig.running(slot_dir(tmp_path))
+    state = rig.engine.containers[record.container_id]["State"]
+    follower = asyncio.ensure_future(rig.registry.follow(3600))
+    try:
+        await until(lambda: rig.registry.engine_error is None)
+        rig.engine.down = True
+        rig.engine.events_queue.put_nowait({"Type": "container"})  # the stream breaks
+        await until(lambda: rig.registry.engine_error is not None)
+        assert record.engine_lost_at > 0
+        rig.engine.down = False
+        rig.engine.exit(record.container_id, 137)
+        state["FinishedAt"] = _iso(time.time())
+        await until(lambda: rig.registry.engine_error is None)
+        await rig.registry.refresh(record)
+        assert record.state == "exited"
+        assert record.interrupted_by_engine_restart
+        assert (await rig.tasks.start("r_0")).state == "running"
+        assert record.engine_lost_at == 0.0
+        # Another outage it survives: its later exit is its own.
+        rig.engine.down = True
+        rig.engine.events_queue.put_nowait({"Type": "container"})
+        await until(lambda: record.engine_lost_at > 0)
+        rig.engine.down = False
+        await until(lambda: rig.registry.engine_error is None and record.engine_lost_at == 0)
+        rig.engine.exit(record.container_id, 137)
+        state["FinishedAt"] = _iso(time.time())
+        await rig.registry.refresh(record)
+        assert not record.interrupted
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+
+
 def slot_dir(base: Path) -> Path:
     slot = base / "slot"
     slot.mkdir()
@@ -158,7 +244,9 @@ def test_engine_process_start_is_found_from_its_socket(tmp_path: Path) -> None:
         server.bind(str(path))
         server.listen(1)
         started = engine_process_started_at(f"unix://{path}")
-        assert started == psutil.Process(os.getpid()).create_time()
+        assert started == pytest.approx(process_started_at(os.getpid()), abs=0.05)  # two reads
+        # psutil's figure rests on whole-second boot times: never later than ours.
+        assert psutil.Process(os.getpid()).create_time() <= started + 0.01
     finally:
         server.close()
     assert engine_process_started_at(f"unix://{tmp_path / 'nothing.sock'}") == 0.0

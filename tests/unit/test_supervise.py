@@ -1,0 +1,130 @@
+"""Background loops under supervise(): a failure is logged and the loop restarted,
+never passed to the TaskGroup (which would cancel the server and its siblings);
+and a container that disappears behind the daemon's back gives its GPU share up."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import cast
+
+import pytest
+from aiohttp import web
+
+from boincd_containers import labels as L
+from boincd_containers.engine import Engine
+from boincd_containers.gpu import GpuAllocator
+from boincd_containers.gpu.fake import FakeGpuBackend
+from boincd_containers.gpus import GpuService
+from boincd_containers.registry import Registry, TaskRecord
+from boincd_containers.service import Daemon
+from boincd_containers.settings import Settings
+from boincd_containers.supervise import loop_name, supervise
+from tests.fakes import FakeEngine
+
+
+async def until(check: object, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():  # type: ignore[operator]  # noqa: ASYNC110 - counters, no event
+            await asyncio.sleep(0.005)
+
+
+async def test_a_failing_loop_is_restarted_and_its_sibling_keeps_running() -> None:
+    runs = 0
+    ticks = 0
+
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        if runs < 3:
+            raise RuntimeError(f"bug number {runs}")
+        await asyncio.Event().wait()  # healthy from the third run on
+
+    async def sibling() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    async with asyncio.TaskGroup() as group:
+        loops = [
+            group.create_task(supervise(flaky, first_backoff_s=0.001)),
+            group.create_task(supervise(sibling)),
+        ]
+        await until(lambda: runs == 3)
+        before = ticks
+        await until(lambda: ticks > before)
+        assert not any(loop.done() for loop in loops)
+        for loop in loops:
+            loop.cancel()
+    assert all(loop.cancelled() for loop in loops)
+
+
+async def test_a_loop_that_returns_is_done_and_not_restarted() -> None:
+    runs = 0
+
+    async def once() -> None:
+        nonlocal runs
+        runs += 1
+
+    await supervise(once)
+    assert runs == 1
+
+
+def test_loops_have_names_for_the_log() -> None:
+    assert loop_name(Registry.follow) == "Registry.follow"  # type: ignore[arg-type]
+    assert loop_name(lambda: asyncio.sleep(0)).startswith("tests.unit.test_supervise:")
+
+
+async def test_the_daemon_survives_a_crashing_monitor(tmp_path: Path) -> None:
+    daemon = Daemon(Settings(state_dir=str(tmp_path / "state"), gpu_backend="none"))
+    crashes = 0
+    ticks = 0
+
+    def broken_tick() -> None:
+        nonlocal crashes
+        crashes += 1
+        raise ValueError("a bug in the monitor")
+
+    async def sibling() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    daemon.monitor.tick = broken_tick  # type: ignore[method-assign]
+    daemon.loops = [lambda: daemon.monitor.run(0.001), sibling]
+    lifecycle = daemon.lifecycle(web.Application())
+    await anext(lifecycle)
+    try:
+        await until(lambda: crashes >= 2)
+        before = ticks
+        await until(lambda: ticks > before)
+    finally:
+        with pytest.raises(StopAsyncIteration):
+            await anext(lifecycle)
+
+
+async def test_a_container_removed_behind_the_daemons_back_releases_its_gpu() -> None:
+    engine = FakeEngine()
+    registry = Registry(cast(Engine, engine), "me")
+    backend = FakeGpuBackend.with_gpus(1)
+    gpus = GpuService(GpuAllocator(backend), registry)
+    registry.on_drop.append(gpus.dropped)
+    labels = {L.OWNER: "me", L.RESULT: "r_gpu", L.PROJECT: "proj"}
+    cid = await engine.create_container(
+        "boincd__proj__r_gpu", {"Image": "boincd-test/busybox:latest", "Labels": labels,
+                                "HostConfig": {}},
+    )  # fmt: skip
+    gpus.allocator.allocate("r_gpu", "NVIDIA", 0, 0.5)
+    record = TaskRecord("r_gpu", "proj", container_id=cid)
+    registry.tasks["r_gpu"] = record
+    await registry.refresh(record)
+    assert gpus.allocator.get("r_gpu") is not None
+
+    del engine.containers[cid]  # `docker rm -f` by someone else; the event was lost
+    await registry.relist()
+    assert "r_gpu" not in registry.tasks
+    assert record.state == "removed"
+    assert gpus.allocator.get("r_gpu") is None
+    assert gpus.allocator.allocated_units(backend.uuid(0)) == 0
