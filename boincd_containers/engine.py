@@ -386,6 +386,7 @@ class Engine:
             engine_compat.adapt_create(
                 config, info.description, info.limits, info.uid_map, info.gid_map
             )
+            engine_compat.adapt_log_config(config, podman=info.kind == "podman")
         created = await self._call(
             f"create container {name}",
             "containers/create",

@@ -1,4 +1,4 @@
-"""Container logs: read back streamed and capped, demultiplexed across chunks.
+"""Container logs: bounded on disk, read back streamed and capped.
 
 The log reads run against a small fake engine on a Unix socket that sends the
 multiplexed stream in chunks cut anywhere (inside frame headers too), as a real
@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 
+from boincd_containers import engine_compat
 from boincd_containers.engine import (
     LOG_BYTES_MAX,
     LOG_TAIL_MAX,
@@ -20,6 +22,13 @@ from boincd_containers.engine import (
     Engine,
     demultiplex,
     log_tail_lines,
+)
+from boincd_containers.taskspec import (
+    LOG_FILE_MAX_BYTES,
+    LOG_FILES,
+    container_config,
+    log_config,
+    parse_request,
 )
 
 MiB = 1 << 20
@@ -175,3 +184,47 @@ def test_tail_is_bounded_and_all_means_the_bound() -> None:
     for bad in ("ten", "1.5", "9" * 5000):
         with pytest.raises(ValueError, match=r"invalid literal|digits"):
             log_tail_lines(bad)
+
+
+# -- log files bounded on disk -----------------------------------------------------
+
+
+def request(disk_bytes: int) -> Any:
+    return parse_request(
+        {
+            "result": "r",
+            "project": "p",
+            "slot_dir": "/tmp",
+            "image": "img",
+            "disk_bytes": disk_bytes,
+        }
+    )
+
+
+def test_every_container_gets_log_files_bounded_by_its_disk_bound() -> None:
+    def options(disk_bytes: int) -> dict[str, str]:
+        config = container_config(
+            request(disk_bytes), "img", owner_id="o", uid=1, gid=1, pids_limit=10, network_name="n"
+        )
+        log = config["HostConfig"]["LogConfig"]
+        assert log["Type"] == "json-file"
+        return dict(log["Config"])
+
+    assert options(0) == {"max-size": str(LOG_FILE_MAX_BYTES), "max-file": str(LOG_FILES)}
+    assert options(50 * MiB)["max-size"] == str(LOG_FILE_MAX_BYTES)
+    # A small bound: files of half of it, so output alone can pass it and be stopped.
+    assert options(8 * MiB)["max-size"] == str(4 * MiB)
+    assert int(options(8 * MiB)["max-size"]) * LOG_FILES > 8 * MiB
+    assert options(1000)["max-size"] == str(MiB)
+
+
+def test_podman_gets_one_file_with_the_same_ceiling() -> None:
+    config = {"HostConfig": {"LogConfig": log_config(8 * MiB)}}
+    docker = {"HostConfig": {"LogConfig": log_config(8 * MiB)}}
+    engine_compat.adapt_log_config(config, podman=True)
+    engine_compat.adapt_log_config(docker, podman=False)
+    assert config["HostConfig"]["LogConfig"] == {
+        "Type": "k8s-file",
+        "Config": {"max-size": str(4 * MiB * LOG_FILES)},
+    }
+    assert docker["HostConfig"]["LogConfig"] == log_config(8 * MiB)
