@@ -1,4 +1,4 @@
-"""Container logs: bounded on disk, read back streamed and capped.
+"""Container logs: bounded on disk, counted in the disk bound, read back streamed and capped.
 
 The log reads run against a small fake engine on a Unix socket that sends the
 multiplexed stream in chunks cut anywhere (inside frame headers too), as a real
@@ -7,9 +7,11 @@ engine's HTTP stream may arrive.
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
@@ -23,6 +25,11 @@ from boincd_containers.engine import (
     demultiplex,
     log_tail_lines,
 )
+from boincd_containers.images import ImageCache
+from boincd_containers.limits import DiskLimits, log_bytes
+from boincd_containers.registry import Registry, TaskRecord
+from boincd_containers.settings import Settings
+from boincd_containers.tasks import TaskManager
 from boincd_containers.taskspec import (
     LOG_FILE_MAX_BYTES,
     LOG_FILES,
@@ -30,6 +37,7 @@ from boincd_containers.taskspec import (
     log_config,
     parse_request,
 )
+from tests.fakes import FakeEngine
 
 MiB = 1 << 20
 
@@ -228,3 +236,84 @@ def test_podman_gets_one_file_with_the_same_ceiling() -> None:
         "Config": {"max-size": str(4 * MiB * LOG_FILES)},
     }
     assert docker["HostConfig"]["LogConfig"] == log_config(8 * MiB)
+
+
+# -- log files counted in the disk bound --------------------------------------------
+
+
+def test_log_bytes_counts_the_file_and_its_rotations_only(tmp_path: Path) -> None:
+    log = tmp_path / "abc-json.log"
+    log.write_bytes(b"a" * 100)
+    (tmp_path / "abc-json.log.1").write_bytes(b"b" * 1000)
+    (tmp_path / "abc-json.log.2.gz").write_bytes(b"c" * 10)
+    (tmp_path / "config.v2.json").write_bytes(b"d" * 5000)
+    (tmp_path / "abc-json.logger").write_bytes(b"e" * 7)
+    assert log_bytes(str(log)) == 1110
+    assert log_bytes(str(tmp_path / "gone" / "x.log")) == 0
+
+
+class LogPathEngine(FakeEngine):
+    """Names a LogPath once a container has started, as Docker does."""
+
+    def __init__(self, logs: Path) -> None:
+        super().__init__()
+        self.logs = logs
+
+    async def inspect_container(self, ref: str, *, size: bool = False) -> dict[str, Any]:
+        data = dict(await super().inspect_container(ref))
+        if data["State"]["Status"] != "created":
+            data["LogPath"] = str(self.logs / f"{data['Id']}-json.log")
+        if size:
+            data["SizeRw"] = 0
+        return data
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[tuple[LogPathEngine, TaskManager, DiskLimits]]:
+    engine = LogPathEngine(tmp_path)
+    registry = Registry(cast(Engine, engine), "me")
+    registry.engine_error = None
+    images = ImageCache(cast(Engine, engine), tmp_path / "state", "me")
+    settings = Settings(state_dir=str(tmp_path / "state"))
+    tasks = TaskManager(settings, cast(Engine, engine), registry, images)
+    yield engine, tasks, DiskLimits(cast(Engine, engine), registry, tasks, tmp_path / "state")
+    await tasks.close()
+    await images.close()
+
+
+async def test_a_task_whose_log_passes_its_bound_is_stopped(
+    rig: tuple[LogPathEngine, TaskManager, DiskLimits], tmp_path: Path
+) -> None:
+    engine, tasks, limits = rig
+    slot = tmp_path / "slot"
+    slot.mkdir()
+    body = {
+        "result": "chatty",
+        "project": "p",
+        "slot_dir": str(slot),
+        "image": "boincd-test/busybox:latest",
+    }
+    await tasks.create_or_attach(parse_request({**body, "disk_bytes": 2 * MiB}), 0)
+    record: TaskRecord = tasks.registry.get("chatty")
+    async with asyncio.timeout(5):
+        while record.state == "preparing":
+            await record.changed.wait()
+    await limits.check_all()  # created: no LogPath yet, and asked again once started
+    await tasks.start("chatty")
+    log = Path(engine.logs) / f"{record.container_id}-json.log"
+    await asyncio.to_thread(log.write_bytes, b"x" * MiB)
+    await limits.check_all()
+    assert record.state == "running"
+    assert limits.task_fields(record)["log_bytes"] == MiB
+    await asyncio.to_thread(Path(f"{log}.1").write_bytes, b"x" * (MiB + 1))
+    await limits.check_all()
+    assert record.state == "exited"
+    fields = limits.task_fields(record)
+    assert fields["log_bytes"] == 2 * MiB + 1
+    assert fields["limit_exceeded"]["kind"] == "disk"
+    assert fields["limit_exceeded"]["log_bytes"] == 2 * MiB + 1
+    assert (
+        fields["limit_exceeded"]["message"]
+        == f"disk limit exceeded: {2 * MiB + 1} bytes of {2 * MiB}"
+    )
+    assert (await limits.status_fields())["task_disk"]["log_bytes"] == 2 * MiB + 1
