@@ -71,6 +71,7 @@ LOG_TAIL_MAX = 10_000
 # Log reads at once: each holds up to LOG_BYTES_MAX, so this bounds their memory.
 LOG_READERS_MAX = 4
 _LOG_TIMEOUT = aiohttp.ClientTimeout(total=300, sock_connect=5, sock_read=60)
+_LOG_WRITE_BLOCK = 64 * 1024
 
 
 def _frame_header(header: bytes) -> bool:
@@ -543,15 +544,17 @@ class Engine:
             except (TimeoutError, DockerError, aiohttp.ClientError, OSError) as exc:
                 raise _translate(exc, f"logs of container {ref}") from exc
             kept.add(decoder.decode(demux.close(), final=True).encode())
-            chunks = kept.chunks()
+            # One piece (at most max_bytes) written in blocks, not one small
+            # write per network chunk.
+            text = b"".join(kept.chunks())
             kept.clear()
             if kept.dropped:
                 yield (
                     f"[... {kept.dropped} bytes of earlier output left out: "
                     f"a log read returns at most {max_bytes} bytes ...]\n"
                 ).encode()
-            while chunks:
-                yield chunks.pop(0)
+            for start in range(0, len(text), _LOG_WRITE_BLOCK):
+                yield text[start : start + _LOG_WRITE_BLOCK]
 
     async def connect_network(self, network: str, ref: str) -> None:
         try:
