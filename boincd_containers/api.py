@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import os
@@ -13,6 +15,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import gc, inventory, limits, memwatch, metrics
+from .engine import log_tail_lines
 from .errors import BadRequest, BoincdError, Conflict, Forbidden
 from .log import get_logger
 from .peercred import Peer, peer_credentials
@@ -298,18 +301,46 @@ async def remove_task(request: web.Request) -> web.Response:
     return web.json_response({"removed": request.match_info["result"]})
 
 
+# A reader that stops reading must not hold a log reader's place (and its
+# buffered megabyte) for long.
+_LOG_WRITE_TIMEOUT_S = 30.0
+
+
 @routes.get("/v1/tasks/{result}/logs")
-async def task_logs(request: web.Request) -> web.Response:
+async def task_logs(request: web.Request) -> web.StreamResponse:
+    """The end of the task's output: `tail` lines (default 200; `all` or -1: as
+    many as the cap allows), at most engine.LOG_BYTES_MAX bytes, streamed."""
     daemon = request.app[DAEMON]
     record = daemon.registry.get(request.match_info["result"])
     try:
-        tail = int(request.query.get("tail", "200"))
+        tail = log_tail_lines(request.query.get("tail"))
     except ValueError:
-        raise BadRequest("tail must be a number of lines") from None
+        raise BadRequest("tail must be a number of lines, or 'all'") from None
     if not record.container_id:
         raise Conflict(f"task {record.result!r} has no container yet, so no logs")
-    text = await daemon.engine.container_logs(record.container_id, tail)
-    return web.Response(text=text, content_type="text/plain")
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    try:
+        async with contextlib.aclosing(
+            daemon.engine.stream_logs(record.container_id, tail)
+        ) as chunks:
+            # Engine errors come before the first chunk, while a JSON error can
+            # still be answered.
+            async for chunk in chunks:
+                async with asyncio.timeout(_LOG_WRITE_TIMEOUT_S):
+                    if not response.prepared:
+                        await response.prepare(request)
+                    await response.write(chunk)
+    except (TimeoutError, ConnectionResetError) as exc:
+        if not response.prepared:
+            raise
+        log.info("log reader gone or not reading: connection closed", error=repr(exc))
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    if not response.prepared:
+        await response.prepare(request)
+    await response.write_eof()
+    return response
 
 
 def make_app(daemon: Daemon) -> web.Application:

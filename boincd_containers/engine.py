@@ -10,11 +10,13 @@ of the daemon never asks which engine it has.
 from __future__ import annotations
 
 import asyncio
+import codecs
+import collections
 import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -73,15 +75,152 @@ class EngineInfo:
         return f"{'rootless ' if self.rootless else ''}{name} {self.version}".strip()
 
 
+# What one log read returns at most: a reader gets the end of the output, never
+# the whole log in the daemon's memory (a task may write gigabytes of it).
+LOG_BYTES_MAX = 1 << 20
+# Lines one read asks the engine for at most (`tail=all` means this many): the
+# engine then reads back only this much of the file, not all of it.
+LOG_TAIL_MAX = 10_000
+# Log reads at once: each holds up to LOG_BYTES_MAX, so this bounds their memory.
+LOG_READERS_MAX = 4
+_LOG_TIMEOUT = aiohttp.ClientTimeout(total=300, sock_connect=5, sock_read=60)
+_LOG_WRITE_BLOCK = 64 * 1024
+
+
+def _frame_header(header: bytes) -> bool:
+    return header[0] in (0, 1, 2) and header[1:4] == b"\0\0\0"
+
+
+class Demultiplexer:
+    """The payload of a non-TTY log stream, fed in chunks as they arrive.
+
+    The engine frames each write as an 8-byte header (stream, 0, 0, 0, size
+    big-endian) and its bytes; chunks of the HTTP stream cut anywhere, inside
+    a header or a payload. A stream that does not start with a header (a TTY
+    container's) passes through unchanged.
+    """
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._left = 0  # payload bytes still to come in the current frame
+        self._framed: bool | None = None  # None until the first 8 bytes are in
+        self._raw = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._raw:
+            return data
+        out = bytearray()
+        view = memoryview(data)
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._left:
+                take = min(self._left, end - pos)
+                out += view[pos : pos + take]
+                pos += take
+                self._left -= take
+                continue
+            need = 8 - len(self._header)
+            self._header += view[pos : pos + need]
+            pos += min(need, end - pos)
+            if len(self._header) < 8:
+                break
+            header = bytes(self._header)
+            self._header.clear()
+            if not _frame_header(header):
+                # Not framed (or no longer): the rest goes through as it is
+                # rather than being lost.
+                self._raw = True
+                out += header
+                out += view[pos:]
+                break
+            self._framed = True
+            self._left = int.from_bytes(header[4:8], "big")
+        return bytes(out)
+
+    def close(self) -> bytes:
+        """What is left at the end: a short unframed stream, or nothing."""
+        rest, self._header = bytes(self._header), bytearray()
+        return rest if self._framed is None else b""
+
+
 def demultiplex(raw: bytes) -> bytes:
     """Strip the 8-byte frame headers of a non-TTY log stream (stdout and stderr in order)."""
-    out = bytearray()
-    pos = 0
-    while pos + 8 <= len(raw) and raw[pos] in (0, 1, 2) and raw[pos + 1 : pos + 4] == b"\0\0\0":
-        size = int.from_bytes(raw[pos + 4 : pos + 8], "big")
-        out += raw[pos + 8 : pos + 8 + size]
-        pos += 8 + size
-    return bytes(out) if pos else raw
+    demux = Demultiplexer()
+    return demux.feed(raw) + demux.close()
+
+
+class TailBuffer:
+    """The last `limit` bytes of a stream, in the chunks they came in: memory stays
+    about `limit` however long the stream is."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self.dropped = 0  # bytes of the stream's start left out
+
+    def add(self, data: bytes) -> None:
+        if not data:
+            return
+        self._chunks.append(data)
+        self._size += len(data)
+        while self._size - len(self._chunks[0]) >= self.limit:
+            first = self._chunks.popleft()
+            self._size -= len(first)
+            self.dropped += len(first)
+
+    def chunks(self) -> list[bytes]:
+        """The kept bytes, from a line start (and never inside a UTF-8 sequence)
+        when earlier output was left out."""
+        chunks = list(self._chunks)
+        excess = self._size - self.limit
+        if excess > 0:
+            chunks[0] = chunks[0][excess:]
+            self.dropped += excess
+        chunks = [c for c in chunks if c]
+        if self.dropped and chunks:
+            before = sum(len(c) for c in chunks)
+            chunks = _from_a_line_start(chunks)
+            self.dropped += before - sum(len(c) for c in chunks)
+        return [c for c in chunks if c]
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._size = 0
+
+
+# How far into the kept bytes the first line may end and still be dropped whole:
+# the engines cut lines at 16 KiB, a longer search would drop real output.
+_LINE_SEARCH_BYTES = 64 * 1024
+
+
+def _from_a_line_start(chunks: list[bytes]) -> list[bytes]:
+    """Drop the cut line at the start of `chunks`, through its newline; without a
+    newline near the start, only the continuation bytes of a cut UTF-8 character."""
+    scanned = 0
+    for i, chunk in enumerate(chunks):
+        newline = chunk.find(b"\n", 0, _LINE_SEARCH_BYTES - scanned)
+        if newline >= 0:
+            return [chunk[newline + 1 :], *chunks[i + 1 :]]
+        scanned += len(chunk)
+        if scanned >= _LINE_SEARCH_BYTES:
+            break
+    first = chunks[0]
+    skip = 0
+    while skip < min(len(first), 3) and 0x80 <= first[skip] < 0xC0:
+        skip += 1
+    return [first[skip:], *chunks[1:]]
+
+
+def log_tail_lines(text: str | None, default: int = 200) -> int:
+    """The `tail` of a log request as a line count in 0..LOG_TAIL_MAX; `all` or a
+    negative number is LOG_TAIL_MAX. ValueError when it is no number."""
+    if text is None or text == "":
+        return min(default, LOG_TAIL_MAX)
+    if text.strip().lower() == "all":
+        return LOG_TAIL_MAX
+    lines = int(text)
+    return LOG_TAIL_MAX if lines < 0 else min(lines, LOG_TAIL_MAX)
 
 
 _DISK_FULL = "no space left on device"
@@ -241,6 +380,7 @@ class Engine:
         self._users: dict[aiodocker.Docker, int] = {}
         self._info: EngineInfo | None = None
         self.host = ""
+        self._log_readers = asyncio.Semaphore(LOG_READERS_MAX)
 
     @property
     def info(self) -> EngineInfo | None:
@@ -381,6 +521,7 @@ class Engine:
             engine_compat.adapt_create(
                 config, info.description, info.limits, info.uid_map, info.gid_map
             )
+            engine_compat.adapt_log_config(config, podman=info.kind == "podman")
         try:
             created = await self._call(
                 f"create container {name}",
@@ -514,15 +655,54 @@ class Engine:
         return int(result.get("StatusCode", -1))
 
     async def container_logs(self, ref: str, tail_lines: int) -> str:
-        """The last lines of the container's stdout and stderr, demultiplexed."""
-        docker = await self._docker()
+        """The last lines of the container's stdout and stderr, demultiplexed,
+        at most LOG_BYTES_MAX bytes of them."""
+        parts = [chunk async for chunk in self.stream_logs(ref, tail_lines)]
+        return b"".join(parts).decode("utf-8")
+
+    async def stream_logs(
+        self, ref: str, tail_lines: int, max_bytes: int = LOG_BYTES_MAX
+    ) -> AsyncGenerator[bytes, None]:
+        """The end of the container's output: its last `tail_lines` lines (at most
+        LOG_TAIL_MAX), of which the last `max_bytes` bytes, as valid UTF-8.
+
+        The engine's stream is read chunk by chunk and only its end is kept, so
+        a reader of a huge log costs the daemon about `max_bytes` and never
+        blocks the loop; LOG_READERS_MAX readers at a time bound the total.
+        Output left out is announced in a first line. Engine errors come before
+        the first chunk.
+        """
+        tail_lines = max(0, min(tail_lines, LOG_TAIL_MAX))
         params = {"stdout": "1", "stderr": "1", "tail": str(tail_lines)}
-        try:
-            async with docker._query(f"containers/{ref}/logs", "GET", params=params) as response:
-                raw = await response.read()
-        except (TimeoutError, DockerError, aiohttp.ClientError, OSError) as exc:
-            raise _translate(exc, f"logs of container {ref}") from exc
-        return demultiplex(raw).decode("utf-8", "replace")
+        async with self._log_readers:
+            kept = TailBuffer(max_bytes)
+            demux = Demultiplexer()
+            # Decoded as it comes, invalid bytes as U+FFFD (readers such as the
+            # shim decode strictly), so that the cap counts what is returned.
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            try:
+                async with (
+                    self._session() as docker,
+                    docker._query(
+                        f"containers/{ref}/logs", "GET", params=params, timeout=_LOG_TIMEOUT
+                    ) as response,
+                ):
+                    async for chunk in response.content.iter_chunked(64 * 1024):
+                        kept.add(decoder.decode(demux.feed(chunk)).encode())
+            except (TimeoutError, DockerError, aiohttp.ClientError, OSError) as exc:
+                raise _translate(exc, f"logs of container {ref}") from exc
+            kept.add(decoder.decode(demux.close(), final=True).encode())
+            # One piece (at most max_bytes) written in blocks, not one small
+            # write per network chunk.
+            text = b"".join(kept.chunks())
+            kept.clear()
+            if kept.dropped:
+                yield (
+                    f"[... {kept.dropped} bytes of earlier output left out: "
+                    f"a log read returns at most {max_bytes} bytes ...]\n"
+                ).encode()
+            for start in range(0, len(text), _LOG_WRITE_BLOCK):
+                yield text[start : start + _LOG_WRITE_BLOCK]
 
     async def connect_network(self, network: str, ref: str) -> None:
         try:

@@ -14,6 +14,9 @@ and Podman 4.3.1 (rootful and rootless, cgroup v1):
   (slirp4netns): a permanent condition of the host, not worth retrying.
 - Podman's compatible /info claims memory and CPU limit support even where it
   has none; its /libpod/info lists the cgroup controllers it really has.
+- Podman's compat create takes LogConfig `json-file` as its own `k8s-file`
+  (refusing `local`) and `max-size` as conmon's `log-size-max`: one log file,
+  emptied when full, no rotation, `max-file` ignored. LogPath is that file.
 """
 
 from __future__ import annotations
@@ -207,3 +210,20 @@ def adapt_create(
         labels = config.setdefault("Labels", {})
         labels[L.UNENFORCED] = ",".join(dropped)
         labels[L.WARNINGS] = limits_warning(dropped, engine, memory_watched=True)
+
+
+def adapt_log_config(config: dict[str, Any], podman: bool) -> None:
+    """Podman's log options for Docker's: its one file (truncated when full, never
+    rotated) may hold what Docker's `max-file` files of `max-size` would, so that
+    a task's log has the same ceiling on both engines."""
+    log_config = (config.get("HostConfig") or {}).get("LogConfig")
+    if not podman or not isinstance(log_config, dict):
+        return
+    options = dict(log_config.get("Config") or {})
+    size, files = options.pop("max-size", None), options.pop("max-file", None)
+    if log_config.get("Type") == "json-file":
+        log_config["Type"] = "k8s-file"  # what Podman writes for json-file anyway
+    if size is not None and str(size).isdigit():
+        count = int(files) if files is not None and str(files).isdigit() else 1
+        options["max-size"] = str(int(size) * max(count, 1))
+    log_config["Config"] = options

@@ -2,19 +2,24 @@
 
 The client measures a task's slot dir against ``rsc_disk_bound`` and aborts the
 task past it (EXIT_DISK_LIMIT_EXCEEDED). What the app writes anywhere else in
-the container, its writable layer and anonymous volumes, is invisible to it. So
-this feature measures, per task, slot dir + writable layer + anonymous volumes
-and, past the bound, kills the container and marks the task ``limit_exceeded``
-{``kind``, ``message``, ...}; the shim then fails the task with that message, as
-the client does for native apps.
+the container, its writable layer and anonymous volumes, is invisible to it, and
+so is its output, which the engine keeps in log files. So this feature measures,
+per task, slot dir + writable layer + anonymous volumes + log and, past the
+bound, kills the container and marks the task ``limit_exceeded`` {``kind``,
+``message``, ...}; the shim then fails the task with that message, as the client
+does for native apps.
 
 Sizes are apparent sizes (``st_size``, hard links once), as the client's
 ``dir_size`` and the engine's ``SizeRw`` count them. The writable layer is read
 straight from the storage driver's upper dir when the engine names one
 (overlay2: ``GraphDriver.Data.UpperDir``) and this process can read it; else
 the engine is asked (``inspect?size=true``), which walks the same files itself.
-Either way a pass walks every task's files, so it runs every ``DISK_INTERVAL_S``
-at most, and further apart when walking costs more (a bounded share of a core).
+The log is the file the engine names (``LogPath``: Docker's json-file, Podman's
+k8s-file) and its rotated siblings (``LogPath.1``...); the engine keeps it within
+its size options (taskspec.log_config) whatever this loop does, and counted here
+it stops a task that floods its output as one that fills its slot. A pass walks
+every task's files, so it runs every ``DISK_INTERVAL_S`` at most, and further
+apart when walking costs more (a bounded share of a core).
 
 What was exceeded is saved in the state dir before the kill: a daemon restarted
 in between still tells the shim why its container died.
@@ -26,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +102,28 @@ def tree_bytes(root: str) -> int | None:
     return total
 
 
+def log_bytes(log_path: str) -> int:
+    """Apparent size of a container's log file and its rotated siblings
+    (``PATH.1``, ``PATH.2.gz``, Podman's ``PATH.tmp``); 0 when there is none."""
+    directory, name = os.path.split(log_path)
+    total = 0
+    try:
+        entries = os.scandir(directory)
+    except FileNotFoundError:
+        return 0
+    with entries:
+        for entry in entries:
+            if entry.name != name and not entry.name.startswith(name + "."):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
 @dataclass(frozen=True, slots=True)
 class DiskUsage:
     container_id: str
@@ -105,16 +133,18 @@ class DiskUsage:
     slot_bytes: int
     at: float
     method: str  # "upper_dir" or "engine" (inspect with size)
+    log_bytes: int = 0  # the engine's files of the container's output
 
     @property
     def total_bytes(self) -> int:
-        return self.writable_bytes + self.volume_bytes + self.slot_bytes
+        return self.writable_bytes + self.volume_bytes + self.slot_bytes + self.log_bytes
 
     def to_json(self) -> dict[str, Any]:
         return {
             "writable_bytes": self.writable_bytes,
             "volume_bytes": self.volume_bytes,
             "slot_bytes": self.slot_bytes,
+            "log_bytes": self.log_bytes,
             "disk_used_bytes": self.total_bytes,
             "disk_sampled_at": self.at,
         }
@@ -126,6 +156,9 @@ class _Layout:
 
     upper_dir: str | None
     volume_dirs: tuple[str, ...]
+    log_path: str | None = None
+    # Inspected once started: Docker names LogPath only then.
+    final: bool = True
 
 
 class ExceededLog:
@@ -245,7 +278,7 @@ class DiskLimits:
 
     async def _layout(self, container_id: str) -> _Layout:
         layout = self._layouts.get(container_id)
-        if layout is None:
+        if layout is None or not layout.final:
             data = await self.engine.inspect_container(container_id)
             driver = data.get("GraphDriver") or {}
             upper = (driver.get("Data") or {}).get("UpperDir")
@@ -254,7 +287,10 @@ class DiskLimits:
                 for m in data.get("Mounts") or []
                 if m.get("Type") == "volume" and m.get("Source")
             )
-            layout = _Layout(str(upper) if upper else None, volumes)
+            log_path = str(data.get("LogPath") or "") or None
+            status = str((data.get("State") or {}).get("Status") or "")
+            final = log_path is not None or status not in ("created", "configured", "")
+            layout = _Layout(str(upper) if upper else None, volumes, log_path, final)
             self._layouts[container_id] = layout
         return layout
 
@@ -288,7 +324,13 @@ class DiskLimits:
                 slot = slot_size or 0
             except OSError as exc:
                 log.debug("slot dir unreadable, left out", path=record.slot_dir, error=str(exc))
-        return DiskUsage(container_id, state, writable, volumes, slot, time.time(), method)
+        logs = 0
+        if layout.log_path is not None:
+            try:
+                logs = await asyncio.to_thread(log_bytes, layout.log_path)
+            except OSError as exc:
+                log.debug("log unreadable, left out", path=layout.log_path, error=str(exc))
+        return DiskUsage(container_id, state, writable, volumes, slot, time.time(), method, logs)
 
     # -- enforcing ---------------------------------------------------------------
 
@@ -313,6 +355,7 @@ class DiskLimits:
                     "writable_bytes": usage.writable_bytes,
                     "volume_bytes": usage.volume_bytes,
                     "slot_bytes": usage.slot_bytes,
+                    "log_bytes": usage.log_bytes,
                     "at": usage.at,
                 },
             )
@@ -329,6 +372,7 @@ class DiskLimits:
                 writable_bytes=usage.writable_bytes,
                 slot_bytes=usage.slot_bytes,
                 volume_bytes=usage.volume_bytes,
+                log_bytes=usage.log_bytes,
             )
             await self.engine.kill_container(record.container_id)
             await self.registry.refresh(record)
@@ -341,6 +385,7 @@ class DiskLimits:
             "writable_bytes": None,
             "volume_bytes": None,
             "slot_bytes": None,
+            "log_bytes": None,
             "disk_used_bytes": None,
             "disk_sampled_at": None,
         }
@@ -361,6 +406,7 @@ class DiskLimits:
                 "writable_bytes": sum(u.writable_bytes for u in usages),
                 "volume_bytes": sum(u.volume_bytes for u in usages),
                 "slot_bytes": sum(u.slot_bytes for u in usages),
+                "log_bytes": sum(u.log_bytes for u in usages),
                 "total_bytes": sum(u.total_bytes for u in usages),
             }
         }

@@ -415,6 +415,25 @@ def nano_cpus(ncpus: float) -> int:
     return max(MIN_NANO_CPUS, min(int(ncpus * 1e9), int(host * 1e9)))
 
 
+# The engine keeps a container's output in log files outside the slot, where the
+# BOINC client cannot see them: they rotate within a few files of this size at
+# most (half the task's disk bound when that is smaller), and the disk limits
+# count them in the task's bound. So output alone can stop a task with a small
+# bound, as a native app filling stderr.txt is, and never fills the disk.
+LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
+LOG_FILE_MIN_BYTES = 1024 * 1024
+LOG_FILES = 3
+
+
+def log_config(disk_bytes: int) -> dict[str, Any]:
+    """HostConfig.LogConfig: json-file (its LogPath is what the limits measure),
+    with Docker's size options; engine_compat adapts them to Podman's."""
+    size = LOG_FILE_MAX_BYTES
+    if disk_bytes > 0:
+        size = max(LOG_FILE_MIN_BYTES, min(size, disk_bytes // 2))
+    return {"Type": "json-file", "Config": {"max-size": str(size), "max-file": str(LOG_FILES)}}
+
+
 def container_config(
     request: TaskRequest,
     image: str,
@@ -519,6 +538,7 @@ def container_config(
         "AttachStderr": False,
         "Tty": False,
     }
+    host_config["LogConfig"] = log_config(request.disk_bytes)
     if request.command:
         config["Cmd"] = request.command
     return config
