@@ -16,7 +16,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from . import gc, inventory, limits, memwatch, metrics
 from .engine import log_tail_lines
-from .errors import BadRequest, BoincdError, Conflict, Forbidden
+from .errors import BadRequest, BoincdError, Conflict, Forbidden, NotFound
 from .log import get_logger
 from .peercred import Peer, peer_credentials
 from .service import Daemon, Feature
@@ -59,8 +59,22 @@ def _check_query(request: web.Request) -> None:
     # (non-ASCII digits, 5,000-digit numbers) is refused before a handler's
     # int()/float() sees it.
     for key, value in request.query.items():
+        if key == "project":
+            check_name(value, "project")
+            continue
         if len(value) > MAX_QUERY_VALUE or not (value.isascii() and value.isprintable()):
             raise BadRequest(f"query parameter {ascii(key)[:40]} is not a short ASCII value")
+
+
+def _check_project(daemon: Daemon, result: str, project: str | None) -> None:
+    """`?project=` on a task URL: the task of that result must be that project's.
+
+    Results are unique per project, not per host, and the daemon keeps one task
+    per result name: a shim naming its project never gets another project's
+    task (a 404 for it, as for a task that is not there)."""
+    record = daemon.registry.tasks.get(result)
+    if project is not None and record is not None and record.project != project:
+        raise NotFound(f"no task for result {result!r} of project {project!r}")
 
 
 # Dry runs change nothing: anyone allowed on the socket may ask for them.
@@ -88,6 +102,7 @@ async def errors_and_auth(
         result = request.match_info.get("result")
         if result is not None:
             check_name(result, "result")
+            _check_project(request.app[DAEMON], result, request.query.get("project"))
         if not _reads_only(request):
             allowed = request.app[DAEMON].writer_uids
             if peer.uid not in allowed:

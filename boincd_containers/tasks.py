@@ -107,6 +107,14 @@ class TaskManager:
     async def _create_or_attach(self, request: TaskRequest, paths: CheckedPaths) -> TaskRecord:
         async with self.locked(request.result):
             record = self.registry.tasks.get(request.result)
+            if record is not None and record.project != request.project:
+                # One task per result name for now: the other project's task is not
+                # this one. Retryable: this one can run once that one is done.
+                raise Conflict(
+                    f"result {request.result!r} is already a task of project "
+                    f"{record.project!r}; this task of project {request.project!r} waits",
+                    retryable=True,
+                )
             if record is not None and record.state not in ("failed", "waiting"):
                 record.last_seen = time.time()
                 record.shim_priority = request.priority or record.shim_priority

@@ -156,6 +156,7 @@ class Runner:
         self.first_heartbeat_deadline = time.monotonic() + FIRST_HEARTBEAT_WAIT_S
         self.create_retry_at = 0.0
         self.create_delay_s = CREATE_RETRY_S
+        self.create_refused = False
         # Since when the task cannot be prepared for a cause that is not BOINC's
         # (a registry or engine down): counted toward the give-up limit, whatever
         # the daemon itself answers meanwhile.
@@ -174,6 +175,13 @@ class Runner:
 
     # -- talking to the daemon ---------------------------------------------------
 
+    def _task_path(self, verb: str = "", **query: object) -> str:
+        """Our task's URL. The project goes along: two projects may have results
+        of the same name, and the daemon answers only for this one's."""
+        path = f"/v1/tasks/{self.result}" + (f"/{verb}" if verb else "")
+        params = {**query, "project": self.init.project_name}
+        return path + "?" + "&".join(f"{key}={value}" for key, value in params.items())
+
     def _call(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
         """One daemon call; None while the daemon or engine is unreachable (retried later)."""
         now = time.monotonic()
@@ -188,8 +196,11 @@ class Runner:
             return None
         except DaemonError as exc:
             if exc.retryable:
-                if exc.code != "conflict":  # "still being prepared": just ask again
+                if exc.code != "conflict":
                     self._unreachable(exc.message, code=exc.code)
+                elif path == "/v1/tasks":  # e.g. another project's task of that name
+                    self._say_once("conflict", f"waiting: {exc.message}")
+                # else "still being prepared": just ask again
                 return None
             if exc.code == "not_found" and path.startswith("/v1/tasks/"):
                 # The daemon lost the task (its record, not the container): ask
@@ -248,7 +259,7 @@ class Runner:
             # but never to run) goes now, not after the garbage collector's grace.
             if self.task.get("container_id"):
                 with contextlib.suppress(TaskFailed):
-                    self._call("DELETE", f"/v1/tasks/{self.result}")
+                    self._call("DELETE", self._task_path())
             raise
 
     def _run(self) -> int:
@@ -282,7 +293,7 @@ class Runner:
     def _handle_messages(self, messages: ControlMessages) -> int | None:
         if messages.abort:
             say("aborted by the client: removing the container")
-            self._call("DELETE", f"/v1/tasks/{self.result}")
+            self._call("DELETE", self._task_path())
             self._withdraw_other_pid()
             return EXIT_ABORTED_BY_CLIENT
         client_gone = not messages.quit and self.watchdog.client_gone()
@@ -290,7 +301,7 @@ class Runner:
             why = "the client is gone" if client_gone else "quit requested"
             say(f"{why}: leaving the container paused for the next start")
             if self.task.get("container_id"):
-                self._call("POST", f"/v1/tasks/{self.result}/detach")
+                self._call("POST", self._task_path("detach"))
             if not client_gone:
                 self._withdraw_other_pid()
             return EXIT_QUIT
@@ -319,7 +330,7 @@ class Runner:
             return
         verb = "reconnect" if connected else "disconnect"
         try:
-            task = self._call("POST", f"/v1/tasks/{self.result}/network", {"connected": connected})
+            task = self._call("POST", self._task_path("network"), {"connected": connected})
         except TaskFailed as exc:
             self._say_once("network", f"cannot {verb} the container's network: {exc}")
             return
@@ -339,7 +350,8 @@ class Runner:
         before a few seconds have passed or fetching became allowed."""
         now = time.monotonic()
         may_fetch = self._may_fetch()
-        if self.task and now < self.create_retry_at and self.create_allowed_fetch == may_fetch:
+        retrying = self.task or self.create_refused
+        if retrying and now < self.create_retry_at and self.create_allowed_fetch == may_fetch:
             return
         if self.create_allowed_fetch != may_fetch:
             self.create_delay_s = CREATE_RETRY_S  # something changed: try soon again
@@ -348,6 +360,7 @@ class Runner:
         self.create_allowed_fetch = may_fetch
         body = task_request(self.init, self.job, self.slot, may_fetch, self.priority)
         task = self._call("POST", "/v1/tasks", body)
+        self.create_refused = task is None
         if task is not None:
             self.task = task
 
@@ -416,10 +429,10 @@ class Runner:
             # Long-poll instead of sleeping: the answer comes the moment the
             # container is created, and within a tick if not, so the client's
             # messages are still read every tick.
-            task = self._call("POST", f"/v1/tasks/{self.result}/wait?timeout={TICK_S}")
+            task = self._call("POST", self._task_path("wait", timeout=TICK_S))
             self.waited = True
         else:
-            task = self._call("GET", f"/v1/tasks/{self.result}")
+            task = self._call("GET", self._task_path())
         if task is not None:
             self.task = task
             # What the daemon could not do for this task (limits a rootless engine
@@ -435,7 +448,7 @@ class Runner:
             say(f"container {str(self.task.get('container_id'))[:12]} running")
 
     def _verb(self, verb: str) -> None:
-        task = self._call("POST", f"/v1/tasks/{self.result}/{verb}")
+        task = self._call("POST", self._task_path(verb))
         if task is not None:
             self.task = task
 
@@ -541,13 +554,13 @@ class Runner:
                 message = "container killed: out of memory (BOINC's memory bound for this task)"
         say(message or "container finished")
         write_finish_file(self.slot, exit_code, message)
-        self._call("DELETE", f"/v1/tasks/{self.result}")
+        self._call("DELETE", self._task_path())
         return finish_exit_code(exit_code)
 
     def _copy_logs(self) -> None:
         try:
             text = self.client.request(
-                "GET", f"/v1/tasks/{self.result}/logs?tail={self.config.logs_tail_lines}"
+                "GET", self._task_path("logs", tail=self.config.logs_tail_lines)
             )
         except (DaemonUnreachable, DaemonError):
             return

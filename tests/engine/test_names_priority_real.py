@@ -172,3 +172,44 @@ def test_an_image_built_under_the_old_name_is_renamed(
         daemon.kill()
         daemon.cleanup_engine_objects()
         engine.cli("rmi", "-f", old, new, check=False)
+
+
+def test_another_projects_task_of_the_same_result_name_is_never_handed_out(
+    daemon: DaemonProcess, engine: TestEngine, short_tmp: Path
+) -> None:
+    from boincd_containers.shim.client import DaemonError
+
+    slot_a, slot_b = short_tmp / "a", short_tmp / "b"
+    slot_a.mkdir()
+    slot_b.mkdir()
+    mine = body(slot_a, "dup_1", "sleep 60")
+    theirs = {**body(slot_b, "dup_1", "sleep 60"), "project": "other.example.org_proj"}
+    daemon.request("POST", "/v1/tasks", mine)
+    task = daemon.wait_task("dup_1", {"created"})
+    with pytest.raises(DaemonError) as refused:
+        daemon.request("POST", "/v1/tasks", theirs)
+    assert refused.value.status == 409
+    assert refused.value.retryable is True
+    for method in ("GET", "DELETE"):
+        with pytest.raises(DaemonError) as other:
+            daemon.request(method, "/v1/tasks/dup_1?project=other.example.org_proj")
+        assert other.value.status == 404
+    assert (
+        daemon.request("GET", f"/v1/tasks/dup_1?project={PROJECT}")["container_id"]
+        == (task["container_id"])
+    )
+    assert engine.inspect(task["container_id"])["State"]["Status"] == "created"
+
+
+def test_results_that_differ_only_in_characters_engines_refuse_are_two_tasks(
+    daemon: DaemonProcess, engine: TestEngine, short_tmp: Path
+) -> None:
+    ids = []
+    for n, result in enumerate(("c;x", "c x")):
+        slot = short_tmp / f"s{n}"
+        slot.mkdir()
+        daemon.request("POST", "/v1/tasks", body(slot, result, "sleep 60"))
+        ids.append(daemon.wait_task(result, {"created"})["container_id"])
+    assert len(set(ids)) == 2
+    names = {engine.inspect(i)["Name"].lstrip("/") for i in ids}
+    assert names == {L.container_name(PROJECT, "c;x"), L.container_name(PROJECT, "c x")}

@@ -57,6 +57,14 @@ class FakeDaemon:
         self.on_call: Any = None
 
     def request(self, method: str, url: str, body: Any = None, timeout: float | None = None) -> Any:
+        if url.startswith("/v1/tasks/"):
+            # Every task URL names the task's project (results are unique per
+            # project only); recorded without it.
+            base, _, query = url.partition("?")
+            params = [p for p in query.split("&") if p]
+            assert "project=proj" in params, url
+            rest = [p for p in params if p != "project=proj"]
+            url = base + ("?" + "&".join(rest) if rest else "")
         self.calls.append((method, url, body))
         if url.endswith("/network"):
             self.task["network_connected"] = body["connected"]
