@@ -59,9 +59,7 @@ def check_daemon(probe: HostProbe, host: HostFacts, daemon: DaemonFacts) -> list
                 f"{_sentence(daemon.error)}. Whether tasks can run is the daemon's side of "
                 "things; what "
                 "follows is only what this user sees.",
-                f"Run doctor as root ({as_root(probe, 'boincd-containers ctl doctor')})"
-                + join
-                + ".",
+                f"Run {as_root(probe, 'boincd-containers ctl doctor')}" + join + ".",
             )
         ]
     if not daemon.answered:
@@ -96,8 +94,8 @@ def check_daemon(probe: HostProbe, host: HostFacts, daemon: DaemonFacts) -> list
                 f"This user, {me}, may read but not change things (ctl gc, tasks)",
                 (daemon.access_detail or "The daemon said so.")
                 + ". Reading (ctl status, tasks, images, gc --dry-run, doctor) works.",
-                f"Change things as root ({as_root(probe, 'boincd-containers ctl gc')}) or "
-                f"as {probe.boinc_user}.",
+                f"Change things as root or as {probe.boinc_user}, e.g. "
+                f"{as_root(probe, 'boincd-containers ctl gc')}.",
             )
         )
     findings += _boinc_socket(probe, daemon)
@@ -191,7 +189,8 @@ def check_user_engine(
     else:
         tail = (
             "Tasks never need this user to: they reach the engine through the daemon. "
-            "Whether the daemon (as root) can is for the findings above to say."
+            "Whether the daemon can, only the daemon can tell: run doctor as root, or "
+            "as a user who may open its socket."
         )
     return [
         Finding(
