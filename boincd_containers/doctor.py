@@ -14,6 +14,7 @@ import textwrap
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from boincd_containers.doctor_advice import permission_denied
 from boincd_containers.doctor_boinc import check_boinc, check_old_names, old_name_containers
 from boincd_containers.doctor_checks import (
     NEEDED_CONTROLLERS,
@@ -27,9 +28,11 @@ from boincd_containers.doctor_checks import (
     check_gpu,
     check_platform,
 )
+from boincd_containers.doctor_daemon import check_daemon, check_docker_host, check_user_engine
 from boincd_containers.hostprobe import (
     BoincClientFacts,
     CommandResult,
+    DaemonFacts,
     EngineFacts,
     HostFacts,
     HostProbe,
@@ -41,6 +44,7 @@ from boincd_containers.hostprobe import (
 
 __all__ = [
     "CommandResult",
+    "DaemonFacts",
     "DoctorReport",
     "EngineFacts",
     "Finding",
@@ -78,10 +82,22 @@ class DoctorReport:
     boinc: BoincClientFacts | None = None
     # Our containers still named boinc__…; None when they were not listed.
     old_names: tuple[LabelledContainer, ...] | None = None
+    # What boincd-containers' socket said; None when it was not asked (the installer).
+    daemon: DaemonFacts | None = None
+    user: tuple[int, str] | None = None  # doctor's own uid and name
 
     @property
     def ok(self) -> bool:
         return not any(f.severity == "error" for f in self.findings)
+
+    @property
+    def tasks_can_run(self) -> bool | None:
+        """The verdict: None when doctor could not ask the daemon and found no blocker."""
+        if not self.ok:
+            return False
+        if self.daemon is not None and not self.daemon.answered:
+            return None
+        return True
 
     def exit_code(self) -> int:
         # Every error-severity finding means tasks cannot run; warnings do not.
@@ -99,6 +115,10 @@ class DoctorReport:
             "old_name_containers": (
                 [asdict(c) for c in self.old_names] if self.old_names is not None else None
             ),
+            # Added later; `ok` keeps its meaning (no error finding).
+            "tasks_can_run": self.tasks_can_run,
+            "daemon": asdict(self.daemon) if self.daemon is not None else None,
+            "user": {"uid": self.user[0], "name": self.user[1]} if self.user else None,
         }
 
     def render_text(self, width: int = 88) -> str:
@@ -128,7 +148,11 @@ class DoctorReport:
             *textwrap.wrap(rec.reason, width, initial_indent="  ", subsequent_indent="  "),
             "",
             f"{counts['error']} error(s), {counts['warning']} warning(s): "
-            + ("tasks can run." if self.ok else "tasks cannot run until the errors are fixed."),
+            + {
+                True: "tasks can run.",
+                False: "tasks cannot run until the errors are fixed.",
+                None: "doctor could not ask the daemon whether tasks can run.",
+            }[self.tasks_can_run],
         ]
         return "\n".join(lines) + "\n"
 
@@ -170,9 +194,10 @@ def recommend(probe: HostProbe, host: HostFacts, engine: EngineFacts | None) -> 
             "(boincd-containers-rootless.service).",
         )
     if reachable or host.docker_cli or host.podman_cli:
+        how = "boincd-containers.service" if host.systemd else "`boincd-containers serve`"
         return Recommendation(
             "native-docker",
-            "Rootful engine with boincd-containers.service as root: all limits apply"
+            f"Rootful engine with {how} as root: all limits apply"
             + (" on cgroup v1." if host.cgroup == "v1" else "."),
         )
     if host.vbox is not None:
@@ -188,12 +213,35 @@ def recommend(probe: HostProbe, host: HostFacts, engine: EngineFacts | None) -> 
     )
 
 
-def run_doctor(probe: HostProbe, engine: EngineFacts | None) -> DoctorReport:
-    """All checks; ``engine=None`` skips the engine ones (the installer's use)."""
+def run_doctor(
+    probe: HostProbe,
+    engine: EngineFacts | None,
+    daemon: DaemonFacts | None = None,
+    user_engine: EngineFacts | None = None,
+) -> DoctorReport:
+    """All checks, the daemon's side first, then what this user can do, then the host.
+
+    ``engine``: the engine as the daemon sees it, or (``seen_by="user"``) as this user
+    does when no daemon answered; None skips the engine checks (the installer's use).
+    ``daemon``: what its socket said; None skips the daemon checks. ``user_engine``:
+    this user's own probe of the daemon's engine.
+    """
     host = gather(probe)
     findings: list[Finding] = []
+    if daemon is not None:
+        findings += check_daemon(probe, host, daemon)
     if engine is not None:
         findings += check_engine(probe, host, engine)
+        findings += check_docker_host(probe, engine)
+    mine = user_engine
+    if mine is None and engine is not None and engine.seen_by == "user":
+        # No daemon, and this user may not open the engine's socket: a fact about the
+        # user, not about whether a root daemon could (check_engine stays silent on it).
+        denied = not engine.reachable and permission_denied(engine.error)
+        mine = engine if denied and probe.uid != 0 else None
+    if mine is not None:
+        findings += check_user_engine(probe, engine, mine)
+    if engine is not None:
         findings += check_access(probe, host, engine)
         findings += check_old_names(probe, host, engine)
     for check in HOST_CHECKS:
@@ -202,4 +250,11 @@ def run_doctor(probe: HostProbe, engine: EngineFacts | None) -> DoctorReport:
     if engine is not None and engine.labelled is not None:
         ours, theirs = old_name_containers(engine)
         old_names = (*ours, *theirs)
-    return DoctorReport(tuple(findings), recommend(probe, host, engine), host.boinc, old_names)
+    return DoctorReport(
+        tuple(findings),
+        recommend(probe, host, engine),
+        host.boinc,
+        old_names,
+        daemon,
+        (probe.uid, probe.user),
+    )

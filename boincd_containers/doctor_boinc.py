@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 
 from boincd_containers import labels as L
+from boincd_containers.doctor_advice import restart_daemon_advice
 from boincd_containers.doctor_checks import Finding
 from boincd_containers.hostprobe import (
     BoincClient,
@@ -288,7 +289,7 @@ def check_old_names(probe: HostProbe, host: HostFacts, engine: EngineFacts) -> l
                 "later starting without allow_multiple_clients removes them (`rm -f`), and "
                 f"their tasks start again from scratch.{risk}",
                 "Restart boincd-containers before the BOINC client next starts "
-                "(`systemctl restart boincd-containers`; at boot its service starts first).",
+                f"({restart_daemon_advice(probe, host)}; at boot its service starts first).",
             )
         )
     if theirs:

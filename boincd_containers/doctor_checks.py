@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from boincd_containers.doctor_advice import engine_place, permission_denied, start_engine_advice
 from boincd_containers.hostprobe import (
     GIB,
     EngineFacts,
     HostFacts,
     HostProbe,
+    safely,
     version_tuple,
 )
 
@@ -39,40 +41,49 @@ def _engine_name(engine: EngineFacts) -> str:
 
 
 def check_engine(probe: HostProbe, host: HostFacts, engine: EngineFacts) -> list[Finding]:
-    name, where = _engine_name(engine), engine.socket or "the default sockets"
+    """The engine: as the daemon sees it, or (no daemon) as this user does."""
+    name = _engine_name(engine)
+    where = engine_place(engine.socket, engine.kind, engine.host_source)
+    by_daemon = engine.seen_by == "daemon"
     if not engine.reachable:
         error = engine.error or "no answer"
-        low = error.lower()
-        if "permission denied" in low or "errno 13" in low or "eacces" in low:
+        if permission_denied(error):
+            if not by_daemon and probe.uid != 0:
+                # This user's access says nothing of a root daemon's (user.engine says it).
+                return []
             return [
                 Finding(
                     "engine.permission",
                     "error",
-                    f"No permission on the engine socket {where}",
+                    f"Tasks cannot run: the daemon may not open {where}"
+                    if by_daemon
+                    else f"No permission on {where}, even as root",
                     f"Connecting failed: {error}",
                     "Run the daemon as root (boincd-containers.service does), or rootless "
                     "Podman for the BOINC user (boincd-containers-rootless.service). Adding "
                     "the BOINC user to the docker group also works but makes it root-equivalent.",
                 )
             ]
-        if host.docker_cli or host.podman_cli:
-            fix = (
-                "Start the engine: `systemctl enable --now docker`"
-                if host.docker_cli
-                else "Start the engine: `systemctl enable --now podman.socket`, or for rootless "
-                f"Podman as {probe.boinc_user}: `loginctl enable-linger {probe.boinc_user}` "
-                "and `systemctl --user enable --now podman.socket`"
-            )
-        else:
-            fix = "Install an engine: `apt install podman` (or docker.io), then start it."
-        return [Finding("engine.reachable", "error", f"No container engine at {where}", error, fix)]
+        title = (
+            f"Tasks cannot run: the daemon reaches no container engine at {where}"
+            if by_daemon
+            else f"No container engine at {where}"
+        )
+        fix = start_engine_advice(probe, host)
+        if engine.host_source:
+            fix += f" Or correct {engine.host_source.split(' in ')[0]}, if it is wrong."
+        return [Finding("engine.reachable", "error", title, error, fix)]
 
     mode = "rootless" if engine.rootless else "rootful"
+    whose = "The daemon uses " if by_daemon else ""
     findings = [
         Finding(
             "engine.reachable",
             "ok",
-            f"{name} {engine.version or '(version unknown)'}, {mode}, at {where}",
+            f"{whose}{name} {engine.version or '(version unknown)'}, {mode}, at {where}",
+            ""
+            if by_daemon
+            else "As this user sees it: no daemon told doctor which engine it uses.",
         )
     ]
     minimum = {"docker": MIN_DOCKER, "podman": MIN_PODMAN}.get(engine.kind or "")
@@ -250,7 +261,7 @@ def _cdi_specs(probe: HostProbe) -> list[str]:
     found = []
     for base in ("etc/cdi", "var/run/cdi"):
         folder = probe.path(base)
-        if folder.is_dir():
+        if probe.is_dir(base):
             for spec in sorted(folder.iterdir()):
                 if spec.suffix in (".yaml", ".yml", ".json") and "nvidia.com/gpu" in (
                     probe.read(f"{base}/{spec.name}") or ""
@@ -313,7 +324,7 @@ def _image_store(probe: HostProbe, engine: EngineFacts | None) -> Path:
 def check_disk(probe: HostProbe, host: HostFacts, engine: EngineFacts | None) -> list[Finding]:
     store = _image_store(probe, engine)
     local = probe.path(str(store))
-    while not local.exists() and local != local.parent:
+    while not safely(local.exists) and local != local.parent:
         local = local.parent  # the store may not exist yet; its filesystem does
     try:
         free = probe.free_bytes(local)

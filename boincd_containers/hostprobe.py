@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import pwd
 import re
 import shutil
 import subprocess
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Literal
 
 EngineKind = Literal["docker", "podman"]
+# Whose view engine facts are: the daemon's answer, or this user's own probe.
+SeenBy = Literal["daemon", "user"]
 
 GIB = 1024**3
 VBOX_WINDOWS = "mnt/c/Program Files/Oracle/VirtualBox/VBoxManage.exe"
@@ -41,6 +44,27 @@ class EngineFacts:
     instance_id: str | None = None
     # Containers carrying our owner label; None when they could not be listed.
     labelled: tuple[LabelledContainer, ...] | None = None
+    # Who saw this: the daemon (its GET /v1/status) or doctor's own user probing directly.
+    seen_by: SeenBy = "daemon"
+    # Where the engine URL came from when it was chosen, not found: "DOCKER_HOST" or
+    # "docker_host in /etc/...". None: one of the usual sockets.
+    host_source: str | None = None
+
+
+@dataclass(frozen=True)
+class DaemonFacts:
+    """What boincd-containers' own socket said to doctor's user."""
+
+    socket: str
+    answered: bool
+    error: str | None = None  # why it did not answer
+    permission_denied: bool = False  # the socket is there, this user may not open it
+    version: str | None = None
+    instance_id: str | None = None
+    # Whether this user may change things (the daemon's peer-credential check); None:
+    # not known.
+    may_change: bool | None = None
+    access_detail: str | None = None  # the daemon's own words on it, when it refused
 
 
 @dataclass(frozen=True)
@@ -78,6 +102,20 @@ def run_command(argv: Sequence[str], timeout: float = 10.0) -> CommandResult:
     return CommandResult(done.returncode, done.stdout, done.stderr)
 
 
+def safely(test: Callable[[], bool]) -> bool:
+    try:
+        return test()
+    except OSError:
+        return False
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
@@ -94,6 +132,9 @@ class HostProbe:
     stat: Callable[[Path], os.stat_result] = os.stat
     min_free_warning: int = 10 * GIB
     min_free_error: int = 2 * GIB
+    # Who runs doctor: its findings about "this user" are about them.
+    uid: int = field(default_factory=os.geteuid)
+    user: str = field(default_factory=lambda: _user_name(os.geteuid()))
 
     def path(self, rel: str) -> Path:
         return self.root / rel.lstrip("/")
@@ -104,13 +145,31 @@ class HostProbe:
         except OSError:
             return None
 
+    # A user other than root meets folders it may not enter (/root/.cargo/bin on PATH,
+    # /var/lib/boinc): for doctor that is "not there", never a crash.
     def exists(self, rel: str) -> bool:
-        return self.path(rel).exists()
+        return safely(self.path(rel).exists)
+
+    def is_file(self, rel: str) -> bool:
+        return safely(self.path(rel).is_file)
+
+    def is_dir(self, rel: str) -> bool:
+        return safely(self.path(rel).is_dir)
 
     def output(self, *argv: str) -> str | None:
         """Stdout of a command that succeeded, else None."""
         result = self.run(argv)
         return result.stdout.strip() if result.returncode == 0 else None
+
+    def which(self, name: str) -> str | None:
+        """The program's path on this host's PATH (under ``root``), as advice may name it."""
+        for folder in self.env.get("PATH", "").split(os.pathsep):
+            if not folder:
+                continue
+            candidate = self.path(f"{folder}/{name}")
+            if safely(candidate.is_file) and os.access(candidate, os.X_OK):
+                return f"{folder.rstrip('/')}/{name}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -181,6 +240,7 @@ def gather(probe: HostProbe) -> HostFacts:
         wsl_distro=probe.env.get("WSL_DISTRO_NAME"),
         cgroup=cgroup,
         controllers=controllers,
+        # Running, not installed: systemctl is on hosts (containers, WSL) where it cannot work.
         systemd=probe.exists("run/systemd/system"),
         vbox=_vbox(probe, wsl),
         docker_cli=probe.output("docker", "--version") is not None,
@@ -307,7 +367,7 @@ def _service(probe: HostProbe) -> _Start | None:
             continue
         # Drop-ins override the unit's own lines; the last assignment wins.
         folder = probe.path(unit + ".d")
-        for conf in sorted(folder.glob("*.conf")) if folder.is_dir() else []:
+        for conf in sorted(folder.glob("*.conf")) if safely(folder.is_dir) else []:
             text += "\n" + (probe.read(f"{unit}.d/{conf.name}") or "")
         exec_start = [v.split() for v in re.findall(r"^ExecStart=(.*)$", text, re.M) if v.strip()]
         workdir = re.findall(r"^WorkingDirectory=-?(\S+)", text, re.M)
@@ -329,7 +389,7 @@ def _service(probe: HostProbe) -> _Start | None:
 
 def _on_path(probe: HostProbe) -> str:
     for folder in probe.env.get("PATH", "").split(os.pathsep):
-        if folder and probe.path(f"{folder}/boinc").is_file():
+        if folder and probe.is_file(f"{folder}/boinc"):
             return f"{folder}/boinc"
     return "boinc"  # not under our root: the runner's own PATH decides
 
@@ -353,11 +413,11 @@ def boinc_client(probe: HostProbe) -> BoincClientFacts:
     starts = list(running)
     starts += [service] if service else []
     starts.append(_Start(_on_path(probe), "PATH"))
-    starts += [_Start(p, "installed") for p in BOINC_BINARIES if probe.path(p).is_file()]
+    starts += [_Start(p, "installed") for p in BOINC_BINARIES if probe.is_file(p)]
     dirs = [service.dir] if service and service.dir else []
-    dirs += [d for d in BOINC_DATA_DIRS if probe.path(d).is_dir()]
+    dirs += [d for d in BOINC_DATA_DIRS if probe.is_dir(d)]
     data_dir = next(
-        (d for d in dirs if probe.path(f"{d}/client_state.xml").is_file()),
+        (d for d in dirs if probe.is_file(f"{d}/client_state.xml")),
         dirs[0] if dirs else None,
     )
     clients: list[BoincClient] = []
@@ -368,7 +428,7 @@ def boinc_client(probe: HostProbe) -> BoincClientFacts:
         ):
             continue
         version = _client_version(probe, start.path)
-        if version is None and not probe.path(start.path).is_file():
+        if version is None and not probe.is_file(start.path):
             continue  # a unit naming a program that is gone, or nothing on PATH
         where = start.dir or data_dir
         cc_config = probe.read(f"{where}/cc_config.xml") or "" if where else ""

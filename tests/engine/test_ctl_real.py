@@ -311,9 +311,12 @@ def test_doctor_json_on_this_host(daemon: DaemonProcess) -> None:
         assert finding["title"]
         if finding["severity"] == "error":
             assert finding["fix"], finding  # every blocker says what to do
-    # The engine facts came from the running daemon.
+    # The daemon is asked first, and the engine facts are its own.
+    assert findings["daemon.reachable"]["severity"] == "ok"
+    assert report["daemon"]["socket"] == daemon.socket
     engine = findings["engine.reachable"]
     assert engine["severity"] == "ok"
+    assert engine["title"].startswith("The daemon uses Docker ")
     assert engine_version() in engine["title"]
     assert "rootful" in engine["title"]
     assert findings["cgroup.version"]["severity"] == "ok"

@@ -1,12 +1,17 @@
-"""`ctl doctor` against the real engine with no daemon running: it lists the containers
-of ours still under the old name boinc__, tells this instance's from another's, and
-reports the BOINC client installed here."""
+"""`ctl doctor` against the real engine. With no daemon running: tasks cannot run, and
+it says how to start the daemon with a command this host has; it still lists the
+containers of ours under the old name boinc__, tells this instance's from another's,
+and reports the BOINC client installed here. Beside a real daemon (root), run as root
+and as uid nobody: the daemon's side decides whether tasks can run, and a user who
+cannot open Docker's socket is told so without "tasks cannot run"."""
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -16,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from boincd_containers import labels as L
-from tests.daemon_harness import docker
+from tests.daemon_harness import DaemonProcess, docker
 
 pytestmark = pytest.mark.docker
 
@@ -122,3 +127,143 @@ def test_reports_the_installed_boinc_client(tmp_path: Path, docker_engine: str) 
     assert isinstance(client, dict)
     assert expected.group(0) in [c["version"] for c in client["clients"]]
     assert findings(report)["boinc.client"]["severity"] == "ok"
+
+
+# -- the daemon's side first ---------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def run_doctor(
+    socket: str, *, as_nobody: bool = False, env: dict[str, str] | None = None, text: bool = False
+) -> subprocess.CompletedProcess[str]:
+    prefix = NOBODY if as_nobody else []
+    done = subprocess.run(
+        [*prefix, sys.executable, "-m", "boincd_containers", "ctl", "doctor"]
+        + ([] if text else ["--json"]),
+        env={
+            **os.environ,
+            "BOINCD_SOCKET": socket,
+            "PYTHONPATH": str(REPO),
+            "BOINCD_CONFIG": os.devnull,
+            **(env or {}),
+        },
+        cwd="/",  # nobody may not enter the test's folders
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode in (0, 1), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+@pytest.fixture
+def root_daemon(short_tmp: Path, docker_engine: str, test_image: str) -> Iterator[DaemonProcess]:
+    """A root daemon set up as the installer does: its socket belongs to the BOINC
+    user's group, so that user's shims may open it."""
+    try:
+        pwd.getpwnam("boinc")
+    except KeyError:
+        pytest.skip("no user boinc (install boinc-client)")
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv")
+    process = DaemonProcess(short_tmp)
+    process.config.write_text('socket_group = "boinc"\nboinc_user = "boinc"\n')
+    try:
+        yield process.start()
+    finally:
+        process.kill()
+        process.cleanup_engine_objects()
+
+
+def by_id(report: dict[str, object]) -> dict[str, dict[str, str]]:
+    return findings(report)
+
+
+def test_as_root_without_a_daemon_tasks_cannot_run(tmp_path: Path, docker_engine: str) -> None:
+    socket = str(tmp_path / "no-daemon.sock")
+    done = run_doctor(socket)
+    report = json.loads(done.stdout)
+    daemon = by_id(report)["daemon.reachable"]
+    assert daemon["severity"] == "error"
+    assert daemon["title"] == f"Tasks cannot run: no daemon on boincd-containers' socket {socket}"
+    assert done.returncode == 1
+    assert report["ok"] is False
+    assert report["tasks_can_run"] is False
+    assert report["daemon"]["answered"] is False
+    if not Path("/run/systemd/system").exists():  # as here: systemctl is installed, unusable
+        assert "systemctl" not in daemon["fix"]
+        assert f"serve --socket {socket}" in daemon["fix"]
+    text = run_doctor(socket, text=True).stdout
+    assert text.rstrip().endswith("tasks cannot run until the errors are fixed.")
+
+
+def test_as_root_beside_a_daemon_its_engine_decides(root_daemon: DaemonProcess) -> None:
+    done = run_doctor(root_daemon.socket)
+    report = json.loads(done.stdout)
+    found = by_id(report)
+    daemon = found["daemon.reachable"]
+    assert daemon["severity"] == "ok"
+    assert daemon["title"].startswith("boincd-containers ")
+    assert f"answers on boincd-containers' socket {root_daemon.socket}" in daemon["title"]
+    assert report["daemon"]["instance_id"] == root_daemon.instance_id
+    assert found["daemon.access"]["severity"] == "ok"  # root may change things
+    assert found["daemon.boinc_socket"]["severity"] == "ok"
+    engine = found["engine.reachable"]
+    assert engine["severity"] == "ok"
+    assert engine["title"].startswith("The daemon uses Docker ")
+    assert "at Docker's socket /var/run/docker.sock" in engine["title"]
+    assert found["user.engine"]["severity"] == "ok"
+    assert report["tasks_can_run"] is report["ok"]
+    assert done.returncode == (0 if report["ok"] else 1)
+    # DOCKER_HOST in doctor's shell is not the daemon's: said, and not mistaken for it.
+    elsewhere = json.loads(
+        run_doctor(root_daemon.socket, env={"DOCKER_HOST": "unix:///nowhere/docker.sock"}).stdout
+    )
+    note = by_id(elsewhere)["engine.docker_host"]
+    assert note["severity"] == "info"
+    assert "DOCKER_HOST here is unix:///nowhere/docker.sock" in note["title"]
+    assert by_id(elsewhere)["engine.reachable"]["severity"] == "ok"
+
+
+def test_as_nobody_beside_a_root_daemon(root_daemon: DaemonProcess) -> None:
+    os.chmod(root_daemon.socket, 0o666)  # nobody may read, as _as_nobody in test_daemon_real
+    done = run_doctor(root_daemon.socket, as_nobody=True)
+    report = json.loads(done.stdout)
+    found = by_id(report)
+    assert found["daemon.reachable"]["severity"] == "ok"
+    access = found["daemon.access"]
+    assert access["severity"] == "info"
+    assert "may read but not change" in access["title"]
+    assert "uid 65534" in access["title"]
+    assert found["engine.reachable"]["severity"] == "ok"
+    assert found["engine.reachable"]["title"].startswith("The daemon uses Docker ")
+    user = found["user.engine"]
+    assert user["severity"] == "info"
+    assert "cannot open Docker's socket /var/run/docker.sock" in user["title"]
+    assert "engine.permission" not in found
+    assert report["user"]["uid"] == 65534
+    assert done.returncode == (0 if report["ok"] else 1)
+    text = run_doctor(root_daemon.socket, as_nobody=True, text=True).stdout
+    assert "the daemon socket" not in text
+    assert "tasks cannot run" not in text.lower()
+
+
+def test_as_nobody_who_may_not_open_the_daemons_socket(root_daemon: DaemonProcess) -> None:
+    # 0660, group boinc: nobody is not in it, so doctor cannot ask the daemon.
+    done = run_doctor(root_daemon.socket, as_nobody=True)
+    report = json.loads(done.stdout)
+    found = by_id(report)
+    denied = found["daemon.permission"]
+    assert denied["severity"] == "warning"
+    assert f"may not open boincd-containers' socket {root_daemon.socket}" in denied["title"]
+    assert "group boinc" in denied["fix"]
+    assert "engine.permission" not in found
+    assert found["user.engine"]["severity"] == "info"
+    assert report["tasks_can_run"] is None
+    assert done.returncode == 0
+    text = run_doctor(root_daemon.socket, as_nobody=True, text=True).stdout
+    assert "tasks cannot run" not in text.lower()
+    assert text.rstrip().endswith("doctor could not ask the daemon whether tasks can run.")

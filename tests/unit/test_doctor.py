@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import http.server
 import json
 import os
+import socketserver
 import stat as stat_module
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from boincd_containers import doctor_cli
 from boincd_containers.doctor import (
     CommandResult,
+    DaemonFacts,
     DoctorReport,
     EngineFacts,
     Finding,
@@ -64,8 +71,14 @@ def make_probe(
     system: str = "Linux",
     free_gib: float = 100,
     healthy: bool = True,
+    tools: Sequence[str] = (),
+    uid: int = 0,
+    user: str = "root",
 ) -> HostProbe:
-    """A host; ``healthy`` starts from cgroup v2, systemd, BOINC installed, user boinc."""
+    """A host; ``healthy`` starts from cgroup v2, systemd, BOINC installed, user boinc.
+
+    ``tools``: programs on its PATH (/usr/bin under the root), for advice that names them;
+    ``uid``/``user``: who runs doctor."""
     base_files: dict[str, str] = {}
     base_cmds: dict[tuple[str, ...], str] = {}
     if healthy:
@@ -85,12 +98,19 @@ def make_probe(
         target = root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
+    for tool in tools:
+        program = root / "usr/bin" / tool
+        program.parent.mkdir(parents=True, exist_ok=True)
+        program.write_text("#!/bin/sh\n")
+        program.chmod(0o755)
     return HostProbe(
         root=root,
         run=FakeRunner(base_cmds),
-        env=dict(env or {}),
+        env={"PATH": "/usr/bin", **(env or {})},
         system=system,
         free_bytes=lambda _path: int(free_gib * GIB),
+        uid=uid,
+        user=user,
     )
 
 
@@ -203,10 +223,10 @@ def test_no_engine_installed(tmp_path: Path) -> None:
     engine = EngineFacts(
         False, None, None, False, "/var/run/docker.sock", "[Errno 2] No such file or directory"
     )
-    report = run_doctor(make_probe(tmp_path), engine)
+    report = run_doctor(make_probe(tmp_path, tools=["apt-get"]), engine)
     finding = by_id(report, "engine.reachable")
     assert finding.severity == "error"
-    assert "apt install podman" in finding.fix
+    assert "apt-get install podman" in finding.fix
     assert report.exit_code() == 1
     assert report.to_json()["ok"] is False
     # cgroup v2 + systemd: rootless Podman is the way to go on a fresh host.
@@ -421,7 +441,7 @@ def test_without_engine_facts_only_host_checks_run(tmp_path: Path) -> None:
 def test_render_text(tmp_path: Path) -> None:
     engine = EngineFacts(False, "docker", None, False, "/var/run/docker.sock", "Permission denied")
     text = run_doctor(make_probe(tmp_path), engine).render_text()
-    assert "[FAIL] No permission on the engine socket /var/run/docker.sock" in text
+    assert "[FAIL] Tasks cannot run: the daemon may not open Docker's socket" in text
     assert "fix: Run the daemon as root" in text
     assert "Recommended runtime:" in text
     assert text.rstrip().endswith("tasks cannot run until the errors are fixed.")
@@ -751,3 +771,312 @@ def test_no_old_name_containers(tmp_path: Path) -> None:
     assert "containers.old_name" not in ids(unlisted)
     assert unlisted.to_json()["old_name_containers"] is None
     assert report.to_json()["old_name_containers"] == []
+
+
+# -- the daemon's side first, then this user's ---------------------------------------------
+
+DAEMON_SOCKET = "/run/boincd-containers/boincd.sock"
+UP = DaemonFacts(DAEMON_SOCKET, True, version="0.9.0", instance_id=INSTANCE, may_change=True)
+DOWN = DaemonFacts(
+    DAEMON_SOCKET,
+    False,
+    "the daemon is not running (no answer on /run/boincd-containers/boincd.sock: "
+    "No such file or directory)",
+)
+DENIED = EngineFacts(
+    False,
+    None,
+    None,
+    False,
+    "/var/run/docker.sock",
+    "[Errno 13] Permission denied",
+    seen_by="user",
+)
+AS_USER = dataclasses.replace(DOCKER, seen_by="user")
+
+
+def advice(report: DoctorReport) -> str:
+    return " ".join(f.fix for f in report.findings) + " " + report.recommendation.reason
+
+
+def no_systemd(tmp_path: Path, **kwargs: object) -> HostProbe:
+    probe = make_probe(tmp_path, **kwargs)  # type: ignore[arg-type]
+    (tmp_path / "run/systemd/system/.keep").unlink()
+    (tmp_path / "run/systemd/system").rmdir()
+    return probe
+
+
+def test_no_daemon_means_tasks_cannot_run_even_with_a_healthy_engine(tmp_path: Path) -> None:
+    probe = make_probe(tmp_path, {"etc/systemd/system/boincd-containers.service": "[Unit]\n"})
+    report = run_doctor(probe, AS_USER, DOWN)
+    finding = report.findings[0]  # the daemon comes first
+    assert finding.id == "daemon.reachable"
+    assert finding.severity == "error"
+    assert (
+        finding.title == f"Tasks cannot run: no daemon on boincd-containers' socket {DAEMON_SOCKET}"
+    )
+    assert "`systemctl enable --now boincd-containers`" in finding.fix  # systemd runs here
+    assert report.exit_code() == 1
+    assert report.tasks_can_run is False
+    assert report.to_json()["daemon"]["answered"] is False
+    assert report.render_text().rstrip().endswith("tasks cannot run until the errors are fixed.")
+    engine = by_id(report, "engine.reachable")
+    assert engine.severity == "ok"
+    assert "no daemon told doctor" in engine.detail
+
+
+def test_without_systemd_no_systemctl_advice(tmp_path: Path) -> None:
+    probe = no_systemd(
+        tmp_path,
+        commands={("docker", "--version"): "Docker version 20.10.24"},
+        tools=["boincd-containers", "systemctl", "service"],  # systemctl installed, not running
+    )
+    stopped = EngineFacts(False, None, None, False, "/var/run/docker.sock", "Connection refused")
+    report = run_doctor(probe, stopped, DOWN)
+    fixes = advice(report)
+    assert "systemctl" not in fixes
+    assert "`/usr/bin/boincd-containers serve`" in by_id(report, "daemon.reachable").fix
+    assert "`dockerd &`" in by_id(report, "engine.reachable").fix  # no /etc/init.d/docker
+    assert "boincd-containers.service" not in report.recommendation.reason
+
+
+def test_no_daemon_on_macos_says_launchctl(tmp_path: Path) -> None:
+    probe = make_probe(
+        tmp_path,
+        {"Library/LaunchDaemons/org.boinc.containers.plist": "<plist/>"},
+        system="Darwin",
+        healthy=False,
+        uid=501,
+        user="volunteer",
+        tools=["sudo"],
+    )
+    fix = by_id(run_doctor(probe, AS_USER, DOWN), "daemon.reachable").fix
+    assert (
+        "`sudo launchctl bootstrap system /Library/LaunchDaemons/org.boinc.containers.plist`" in fix
+    )
+
+
+def test_daemon_without_an_engine(tmp_path: Path) -> None:
+    lost = EngineFacts(
+        False, "docker", None, False, "/var/run/docker.sock", "Cannot connect: Connection refused"
+    )
+    report = run_doctor(make_probe(tmp_path), lost, UP)
+    assert by_id(report, "daemon.reachable").severity == "ok"
+    engine = by_id(report, "engine.reachable")
+    assert engine.severity == "error"
+    assert engine.title == (
+        "Tasks cannot run: the daemon reaches no container engine at "
+        "Docker's socket /var/run/docker.sock"
+    )
+    assert report.exit_code() == 1
+    ids_in_order = [f.id for f in report.findings]
+    assert ids_in_order.index("daemon.reachable") < ids_in_order.index("engine.reachable")
+
+
+def test_daemon_fine_and_this_user_without_docker_access(tmp_path: Path) -> None:
+    daemon = dataclasses.replace(
+        UP, may_change=False, access_detail="uid 65534 may read but not change anything"
+    )
+    probe = make_probe(tmp_path, uid=65534, user="nobody")
+    report = run_doctor(probe, DOCKER, daemon, DENIED)
+    user = by_id(report, "user.engine")
+    assert user.severity == "info"
+    assert user.title == (
+        "This user, nobody (uid 65534), cannot open Docker's socket /var/run/docker.sock"
+    )
+    assert "does not stop tasks" in user.detail
+    access = by_id(report, "daemon.access")
+    assert access.severity == "info"
+    assert "may read but not change" in access.title
+    assert "engine.permission" not in ids(report)
+    assert by_id(report, "engine.reachable").title.startswith("The daemon uses Docker 24.0.7")
+    assert report.exit_code() == 0
+    assert report.tasks_can_run is True
+    text = report.render_text()
+    assert "the daemon socket" not in text
+    assert text.rstrip().endswith("tasks can run.")
+
+
+def test_no_daemon_and_this_user_without_docker_access(tmp_path: Path) -> None:
+    report = run_doctor(make_probe(tmp_path, uid=65534, user="nobody"), DENIED, DOWN)
+    assert "engine.permission" not in ids(report)  # a root daemon may well open it
+    assert by_id(report, "user.engine").severity == "info"
+    assert [f.id for f in report.findings if f.severity == "error"] == ["daemon.reachable"]
+
+
+def test_this_user_may_not_open_the_daemons_socket(tmp_path: Path) -> None:
+    denied = DaemonFacts(
+        DAEMON_SOCKET,
+        False,
+        f"no permission to use the daemon socket {DAEMON_SOCKET}: Permission denied",
+        permission_denied=True,
+    )
+    report = run_doctor(make_probe(tmp_path, uid=65534, user="nobody"), DENIED, denied)
+    finding = by_id(report, "daemon.permission")
+    assert finding.severity == "warning"
+    assert "doctor cannot ask the daemon" in finding.title
+    assert report.exit_code() == 0
+    assert report.tasks_can_run is None
+    assert report.to_json()["tasks_can_run"] is None
+    text = report.render_text()
+    assert "tasks cannot run" not in text.lower()
+    assert text.rstrip().endswith("doctor could not ask the daemon whether tasks can run.")
+    # The BOINC user itself locked out: its shims are, so tasks cannot run.
+    as_boinc = make_probe(tmp_path, uid=1000, user="boinc")
+    blocked = by_id(run_doctor(as_boinc, DENIED, denied), "daemon.permission")
+    assert blocked.severity == "error"
+    assert "socket_group" in blocked.fix
+
+
+def _stat_as(modes: dict[str, tuple[int, int, int]]) -> object:
+    real = os.stat
+
+    def fake(path: Path) -> os.stat_result:
+        for suffix, (mode, uid, gid) in modes.items():
+            if str(path).endswith(suffix):
+                st = list(real(path))
+                st[0], st[4], st[5] = mode, uid, gid
+                return os.stat_result(st)
+        return real(path)
+
+    return fake
+
+
+@pytest.mark.parametrize(("gid", "severity"), [(0, "error"), (1000, "ok")])
+def test_the_boinc_user_must_open_the_daemons_socket(
+    tmp_path: Path, gid: int, severity: str
+) -> None:
+    probe = make_probe(
+        tmp_path,
+        {DAEMON_SOCKET.lstrip("/"): ""},
+        {("id", "-G", "boinc"): "1000", ("getent", "group", "0"): "root:x:0:"},
+    )
+    tmp_path.chmod(0o755)  # the host's "/"
+    probe.stat = _stat_as({"boincd.sock": (stat_module.S_IFSOCK | 0o660, 0, gid)})  # type: ignore[assignment]
+    finding = by_id(run_doctor(probe, DOCKER, UP), "daemon.boinc_socket")
+    assert finding.severity == severity
+    if severity == "error":
+        assert finding.title.startswith("Tasks cannot run: the BOINC user boinc may not open")
+        assert "srw-rw---- with group root" in finding.detail
+
+
+def test_docker_host_here_is_not_the_daemons(tmp_path: Path) -> None:
+    probe = make_probe(tmp_path, env={"DOCKER_HOST": "tcp://127.0.0.1:2375"})
+    report = run_doctor(probe, DOCKER, UP)
+    note = by_id(report, "engine.docker_host")
+    assert note.severity == "info"
+    assert note.title == (
+        "DOCKER_HOST here is tcp://127.0.0.1:2375; the daemon uses Docker's socket "
+        "/var/run/docker.sock"
+    )
+    same = make_probe(tmp_path, env={"DOCKER_HOST": "unix:///var/run/docker.sock"})
+    assert "engine.docker_host" not in ids(run_doctor(same, DOCKER, UP))
+
+
+def test_json_keeps_its_keys_and_adds_the_daemon(tmp_path: Path) -> None:
+    data = run_doctor(make_probe(tmp_path), DOCKER, UP).to_json()
+    assert {"ok", "findings", "recommendation", "boinc_client", "old_name_containers"} <= set(data)
+    assert data["daemon"]["version"] == "0.9.0"
+    assert data["tasks_can_run"] is True
+    assert data["user"] == {"uid": 0, "name": "root"}
+    json.dumps(data)
+
+
+class _Fake(http.server.BaseHTTPRequestHandler):
+    """Answers from the server's `routes`: {(method, path): (status, body)}."""
+
+    def _answer(self) -> None:
+        routes = self.server.routes  # type: ignore[attr-defined]
+        status, body = routes.get((self.command, self.path.split("?")[0]), (404, {}))
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+ENGINE_ROUTES = {
+    ("GET", "/version"): (200, {"Version": "24.0.7", "Components": [{"Name": "Engine"}]}),
+    ("GET", "/info"): (200, {"SecurityOptions": [], "DockerRootDir": "/var/lib/docker"}),
+    ("GET", "/containers/json"): (200, []),
+}
+
+
+@contextlib.contextmanager
+def serving(server: socketserver.BaseServer, routes: object) -> Iterator[None]:
+    server.routes = routes  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def get_request(self) -> tuple[Any, Any]:
+        conn, _ = super().get_request()
+        return conn, ("local", 0)  # BaseHTTPRequestHandler wants a host and port
+
+
+def test_docker_host_tcp_is_probed_and_named(tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
+    port = server.server_address[1]
+    env = {"DOCKER_HOST": f"tcp://127.0.0.1:{port}", "BOINCD_CONFIG": os.devnull}
+    with serving(server, ENGINE_ROUTES):
+        daemon, engine, mine = doctor_cli.gather_facts(str(tmp_path / "none.sock"), env)
+    assert not daemon.answered
+    assert mine is None
+    assert engine.reachable, engine.error
+    assert engine.host_source == "DOCKER_HOST"
+    report = run_doctor(make_probe(tmp_path), engine, daemon)
+    assert by_id(report, "engine.reachable").title == (
+        f"Docker 24.0.7, rootful, at Docker's endpoint tcp://127.0.0.1:{port} (DOCKER_HOST)"
+    )
+    assert report.old_names == ()  # listed over the same endpoint
+
+
+def test_the_daemon_is_asked_first_and_says_who_may_change(tmp_path: Path) -> None:
+    engine_sock, daemon_sock = tmp_path / "engine.sock", tmp_path / "boincd.sock"
+    status = {
+        "daemon": {"version": "0.9.0", "instance_id": INSTANCE},
+        "engine": {
+            "kind": "docker",
+            "version": "24.0.7",
+            "rootless": False,
+            "host": f"unix://{engine_sock}",
+            "reachable": True,
+            "error": None,
+        },
+    }
+    refusal = {"error": {"code": "forbidden", "message": "uid 65534 may read but not change"}}
+    daemon_routes = {
+        ("GET", "/v1/status"): (200, status),
+        ("POST", "/v1/doctor/may-change"): (403, refusal),
+    }
+    env = {"DOCKER_HOST": f"unix://{engine_sock}", "BOINCD_CONFIG": os.devnull}
+    with (
+        serving(_UnixHTTPServer(str(daemon_sock), _Fake), daemon_routes),
+        serving(_UnixHTTPServer(str(engine_sock), _Fake), ENGINE_ROUTES),
+    ):
+        daemon, engine, mine = doctor_cli.gather_facts(str(daemon_sock), env)
+    assert daemon.answered
+    assert daemon.version == "0.9.0"
+    assert daemon.may_change is False
+    assert daemon.access_detail == "uid 65534 may read but not change"
+    assert engine.seen_by == "daemon"
+    assert engine.host_source == "DOCKER_HOST"  # the same engine as this shell's DOCKER_HOST
+    assert mine is not None
+    assert mine.reachable
+    assert mine.seen_by == "user"
