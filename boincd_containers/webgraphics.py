@@ -310,6 +310,11 @@ class WebGraphics:
             except (OSError, TimeoutError) as exc:
                 # The app does not listen (yet), or the container just stopped.
                 log.debug("web graphics: cannot reach the app", result=result, error=str(exc))
+                why = (
+                    "The task's graphics are not served (yet): nothing answers on port "
+                    f"{listener.guest_port} in its container."
+                )
+                await _not_now(reader, writer, why)
                 return
             try:
                 async with asyncio.TaskGroup() as group:

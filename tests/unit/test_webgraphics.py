@@ -237,7 +237,7 @@ async def test_a_namespace_that_cannot_be_entered_is_said_in_the_task() -> None:
         assert web.task_fields(record)["web_graphics"]["error"] == "setns needs CAP_SYS_ADMIN"
 
 
-async def test_an_app_not_listening_yet_closes_the_connection_only() -> None:
+async def test_an_app_not_listening_yet_is_said_and_the_listener_stays() -> None:
     async def refused(record: TaskRecord, guest_port: int) -> Streams:
         raise ConnectionRefusedError(111, "Connection refused")
 
@@ -245,7 +245,9 @@ async def test_an_app_not_listening_yet_closes_the_connection_only() -> None:
         record = running_record(registry)
         await web.sync()
         port = web.task_fields(record)["web_graphics"]["host_port"]
-        assert await fetch(port) == b""
+        page = await fetch(port)
+        assert page.startswith(b"HTTP/1.0 503")
+        assert b"nothing answers on port 80 in its container" in page
         assert web.task_fields(record)["web_graphics"]["error"] is None
         assert RESULT in web._listeners
 
