@@ -115,7 +115,9 @@ ProtectKernelLogs=yes
 ProtectControlGroups=yes
 ProtectClock=yes
 ProtectHostname=yes
-RestrictNamespaces=yes
+# net: web graphics enter a task container's network namespace (setns) to
+# reach its port, so the container needs no network of its own (webgraphics.py).
+RestrictNamespaces=net
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
@@ -126,6 +128,9 @@ RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 # Reading slot dirs and /proc of task processes owned by the BOINC user, and
 # fixing ownership of files a container left in the slot; nothing else.
 CapabilityBoundingSet=CAP_CHOWN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_SYS_PTRACE
+# And setns() into a task container's network namespace, which needs
+# CAP_SYS_ADMIN, for web graphics (webgraphics.py). Repeated lines are merged.
+CapabilityBoundingSet=CAP_SYS_ADMIN
 
 [Install]
 WantedBy=multi-user.target
