@@ -425,6 +425,10 @@ def container_config(
         # No port is published: the container keeps the network its job asked
         # for (none by default); the daemon forwards to it (webgraphics.py).
         task_labels[L.WEB_GRAPHICS_PORT] = str(request.web_graphics.guest_port)
+        # A docker_wrapper app serves on port 80 with no capabilities: Docker lets
+        # any user of a container's own network namespace bind low ports, Podman
+        # 4.3 does not unless told (measured). Only that namespace is affected.
+        host_config.setdefault("Sysctls", {})["net.ipv4.ip_unprivileged_port_start"] = "0"
     config: dict[str, Any] = {
         "Image": image,
         "WorkingDir": request.workdir,

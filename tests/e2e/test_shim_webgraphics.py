@@ -50,10 +50,10 @@ document.getElementById("out").textContent = ["rendered by", "a browser"].join("
 """
 RENDERED = "rendered by a browser"
 # busybox httpd goes to the background; the app then waits for the test's word.
-APP = "httpd -p 8080 -h /app; while [ ! -e /app/release ]; do sleep 0.2; done; echo done > out.txt"
+APP = "httpd -p 80 -h /app; while [ ! -e /app/release ]; do sleep 0.2; done; echo done > out.txt"
 JOB = f"""image = "{TEST_IMAGE}"
 command = ["sh", "-c", "{APP}"]
-web_graphics_guest_port = 8080
+web_graphics_guest_port = 80
 """.encode()
 
 
@@ -176,7 +176,7 @@ def test_the_url_the_client_shows_serves_the_container_page_to_a_browser(
     assert listening_addresses(int(port)) == {"0100007F"}
     slot = client.slot_dir("gfx_1")
     assert slot is not None
-    assert f"web graphics at {url} (container port 8080)" in (slot / "stderr.txt").read_text()
+    assert f"web graphics at {url} (container port 80)" in (slot / "stderr.txt").read_text()
 
     # The task ends: its graphics go with it.
     (slot / "release").write_text("")

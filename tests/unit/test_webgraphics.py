@@ -73,6 +73,8 @@ def test_container_publishes_no_port_and_keeps_its_network(tmp_path: Path) -> No
     assert "PortBindings" not in host
     assert "PublishAllPorts" not in host
     assert "ExposedPorts" not in config
+    # Port 80 without capabilities, on Podman as on Docker; in its own namespace only.
+    assert host["Sysctls"] == {"net.ipv4.ip_unprivileged_port_start": "0"}
     plain = container_config(
         parse_request(body(tmp_path)),
         "img",
@@ -83,6 +85,7 @@ def test_container_publishes_no_port_and_keeps_its_network(tmp_path: Path) -> No
         network_name="bridge",
     )
     assert L.WEB_GRAPHICS_PORT not in plain["Labels"]
+    assert "Sysctls" not in plain["HostConfig"]
 
 
 def test_record_reads_the_guest_port_from_its_label() -> None:
