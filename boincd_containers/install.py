@@ -110,7 +110,9 @@ ConfigurationDirectoryMode=0755
 # anyway: a daemon that may use the engine's socket is root in all but name.
 NoNewPrivileges=yes
 ProtectClock=yes
-RestrictNamespaces=yes
+# net: web graphics enter a task container's network namespace (setns) to
+# reach its port, so the container needs no network of its own (webgraphics.py).
+RestrictNamespaces=net
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
@@ -122,6 +124,11 @@ RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 # fixing ownership of files a container left in the slot, and bind-mounting
 # the checked task dirs (mount(2)); nothing else. Repeated lines add up.
 CapabilityBoundingSet=CAP_CHOWN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_SYS_PTRACE
+# Lowering a task container's threads to the task's priority (setpriority,
+# sched_setscheduler on processes of other users: priority.py).
+CapabilityBoundingSet=CAP_SYS_NICE
+# And setns() into a task container's network namespace, which needs
+# CAP_SYS_ADMIN, for web graphics (webgraphics.py). Repeated lines are merged.
 CapabilityBoundingSet=CAP_SYS_ADMIN
 
 [Install]

@@ -31,6 +31,8 @@ WARNINGS = f"{PREFIX}.warnings"
 # which every process of the container is held to (see priority.py).
 NICE = f"{PREFIX}.nice"
 SCHED_IDLE = f"{PREFIX}.sched_idle"
+# The container port the daemon forwards 127.0.0.1:<host port> to (webgraphics.py).
+WEB_GRAPHICS_PORT = f"{PREFIX}.web_graphics_port"
 
 # Our prefix. Never "boinc__": BOINC clients 8.2.0 and later `rm -f` every
 # container, and untag every image, whose name starts with that at each start,

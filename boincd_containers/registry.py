@@ -97,6 +97,9 @@ class TaskRecord:
     # the one it was created with (labels).
     shim_priority: Priority | None = None
     created_priority: Priority | None = None
+    # The container port its web graphics are served on (0: none); the host side
+    # is webgraphics.py's.
+    web_graphics_port: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -227,6 +230,9 @@ class TaskRecord:
         self.unenforced = [x for x in labels.get(L.UNENFORCED, "").split(",") if x]
         self.warnings = [w for w in labels.get(L.WARNINGS, "").split("\n") if w]
         self.created_priority = Priority.from_labels(labels)
+        port = labels.get(L.WEB_GRAPHICS_PORT, "")
+        ok = port.isascii() and port.isdigit() and 0 < int(port) < 65536
+        self.web_graphics_port = int(port) if ok else 0
         self.error = None
         self.notify()
 

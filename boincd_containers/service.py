@@ -26,6 +26,7 @@ from .registry import Registry, TaskRecord
 from .settings import Settings, SettingsError
 from .supervise import supervise
 from .tasks import TaskManager
+from .webgraphics import WebGraphics
 
 log = get_logger(__name__)
 
@@ -98,13 +99,15 @@ class Daemon:
             self.gpus,
             on_start=self.monitor.hold_priority,
         )
-        self.extra_status: list[StatusProvider] = [self.monitor, self.gpus]
+        self.web_graphics = WebGraphics(self.registry)
+        self.extra_status: list[StatusProvider] = [self.monitor, self.gpus, self.web_graphics]
         # Background loops of the features attached to this daemon (gc, inventory...):
         # each runs supervised (supervise.py) inside the lifecycle's TaskGroup, and
         # is cancelled at shutdown.
         self.loops: list[Callable[[], Coroutine[Any, Any, None]]] = [
             lambda: self.registry.follow(self.settings.relist_interval_s),
             lambda: self.monitor.run(self.settings.sample_interval_s),
+            self.web_graphics.run,
         ]
         self.writer_uids = writer_uids(settings.boinc_user)
 

@@ -43,6 +43,14 @@ class GpuRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class WebGraphicsRequest:
+    # The container port serving the task's web graphics (job.toml
+    # web_graphics_guest_port). The host side is always the daemon's: a port
+    # it binds on 127.0.0.1 only (webgraphics.py), never one a caller names.
+    guest_port: int
+
+
+@dataclass(frozen=True, slots=True)
 class TaskRequest:
     result: str
     project: str
@@ -70,6 +78,7 @@ class TaskRequest:
     allow_fetch: bool = True
     # The shim's own priority, which the client chose for the task (priority.py).
     priority: Priority | None = None
+    web_graphics: WebGraphicsRequest | None = None
 
     @property
     def name(self) -> str:
@@ -87,6 +96,7 @@ ITEMS_MAX = 4096  # entries in a list or map (arguments, environment, mounts)
 NCPUS_MAX = 65536.0
 GPU_USAGE_MAX = 64.0
 GPU_DEVICE_MAX = 1023
+PORT_MAX = 65535
 BYTES_MAX = 2**63 - 1
 
 
@@ -220,6 +230,25 @@ def _gpu(body: dict[str, Any]) -> GpuRequest | None:
     )
 
 
+def _web_graphics(body: dict[str, Any]) -> WebGraphicsRequest | None:
+    wg = _get(body, "web_graphics", dict)
+    if wg is None:
+        return None
+    extra = sorted(set(wg) - {"guest_port"})
+    if extra:
+        raise BadRequest(
+            f"unknown web_graphics field(s): {_show(extra)}; only 'guest_port' may be given: "
+            "the daemon picks the host port and listens on 127.0.0.1 only"
+        )
+    port = wg.get("guest_port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= PORT_MAX:
+        raise BadRequest(
+            f"'web_graphics.guest_port' must be a port number from 1 to {PORT_MAX}, "
+            f"not {_show(port)}"
+        )
+    return WebGraphicsRequest(guest_port=port)
+
+
 def parse_request(body: Any) -> TaskRequest:
     """JSON body → TaskRequest, with a 400 naming the bad field.
 
@@ -274,6 +303,7 @@ def parse_request(body: Any) -> TaskRequest:
         read_only_root=_get(body, "read_only_root", bool),
         allow_fetch=_flag(body, "allow_fetch", True),
         priority=priority,
+        web_graphics=_web_graphics(body),
     )
     if not (request.image or request.image_archive or request.build):
         raise BadRequest(
@@ -526,6 +556,14 @@ def container_config(
         **({L.MOUNTS: host.record} if host.record else {}),
         **(request.priority.labels() if request.priority else {}),
     }
+    if request.web_graphics is not None:
+        # No port is published: the container keeps the network its job asked
+        # for (none by default); the daemon forwards to it (webgraphics.py).
+        task_labels[L.WEB_GRAPHICS_PORT] = str(request.web_graphics.guest_port)
+        # A docker_wrapper app serves on port 80 with no capabilities: Docker lets
+        # any user of a container's own network namespace bind low ports, Podman
+        # 4.3 does not unless told (measured). Only that namespace is affected.
+        host_config.setdefault("Sysctls", {})["net.ipv4.ip_unprivileged_port_start"] = "0"
     config: dict[str, Any] = {
         "Image": image,
         "WorkingDir": request.workdir,

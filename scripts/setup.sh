@@ -8,7 +8,8 @@ want_tests="${1:-}"
 packages=(python3 python3-venv docker.io busybox-static)
 if [ "$want_tests" = "--test" ]; then
   # The real BOINC client, a local registry, Podman, and the tools the tests drive.
-  packages+=(boinc-client docker-registry podman uidmap util-linux systemd procps)
+  # Chromium: a real browser renders a task's web graphics (tests/e2e/test_shim_webgraphics.py).
+  packages+=(boinc-client docker-registry podman uidmap util-linux systemd procps chromium)
 fi
 
 missing=()

@@ -144,6 +144,22 @@ class StatusReport(NamedTuple):
         return "".join(parts)
 
 
+# The client keeps it in `char web_graphics_url[256]` (client/app.h).
+WEB_GRAPHICS_URL_MAX = 255
+
+
+def web_graphics_reply(url: str) -> str:
+    """The graphics_reply message of boinc_web_graphics_url() (api/boinc_api.cpp).
+
+    Clients 7.20.5 and 8.2.15 read the URL from this channel only, not from
+    app_status (ACTIVE_TASK::get_graphics_msg), keep it for the task and hand
+    it to BOINC Manager's "Show graphics" in the GUI RPC get_results answer.
+    """
+    if len(url) > WEB_GRAPHICS_URL_MAX or not url.isascii() or any(c in url for c in "<>&\0"):
+        raise ValueError(f"not a URL the client can keep: {url!r}")
+    return f"<web_graphics_url>{url}</web_graphics_url>\n"
+
+
 def _nonneg(x: float) -> float:
     if not math.isfinite(x) or x < 0:
         return 0.0

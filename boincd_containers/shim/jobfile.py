@@ -3,10 +3,12 @@
 Keys of BOINC's docker_wrapper (samples/docker_wrapper/docker_wrapper.cpp,
 ``parse_config_file``) are accepted: ``workdir``, ``project_dir_mount``,
 ``image_name``, ``use_gpu``, ``mount`` (strings, each a ``docker -v`` argument),
-``build_args`` (a string of ``docker build`` flags), ``verbose`` (0..2), and
-``create_args``/``portmap``/``web_graphics_guest_port``, which are accepted but
-ignored with a warning. Errors name the file, the key, what was wrong and what
-is allowed: a project admin reads them in the task's stderr.txt.
+``build_args`` (a string of ``docker build`` flags), ``verbose`` (0..2),
+``web_graphics_guest_port`` (the container port BOINC Manager's "Show graphics"
+opens, reached from the host on 127.0.0.1 only), and ``create_args``/``portmap``,
+which are accepted but ignored with a warning. Errors name the file, the key,
+what was wrong and what is allowed: a project admin reads them in the task's
+stderr.txt.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class JobSpec(NamedTuple):
     mounts: tuple[Mount, ...] = ()
     build_args: tuple[tuple[str, str], ...] = ()
     verbose: int = 1
+    # The container port serving the task's web graphics, or None.
+    web_graphics_guest_port: int | None = None
     warnings: tuple[str, ...] = ()
 
     @property
@@ -99,6 +103,7 @@ class JobSpec(NamedTuple):
             "fraction_done_filename": self.fraction_done_filename,
             "checkpoint_filename": self.checkpoint_filename,
             "verbose": self.verbose,
+            "web_graphics_guest_port": self.web_graphics_guest_port,
         }
 
 
@@ -125,9 +130,12 @@ _KNOWN_KEYS = frozenset(
 )
 _IGNORED_KEYS = {
     "create_args": "engine flags are set by boincd-containers, never taken from a job",
-    "portmap": "task containers publish no ports",
-    "web_graphics_guest_port": "web graphics are not supported",
+    "portmap": (
+        "task containers publish no ports; for the task's web graphics set "
+        "web_graphics_guest_port (reached from this host on 127.0.0.1 only)"
+    ),
 }
+PORT_MAX = 65535
 
 # The reference grammar of distribution/reference: [domain[:port]/]path[:tag][@digest].
 _DOMAIN = (
@@ -385,10 +393,6 @@ def _check_keys(chk: _Checker, data: dict[str, object]) -> list[str]:
         chk.string("create_args", data["create_args"])
     if "portmap" in data and not isinstance(data["portmap"], list):
         raise chk.fail("portmap", f"must be a list, not {_describe(data['portmap'])}")
-    if "web_graphics_guest_port" in data:
-        port = data["web_graphics_guest_port"]
-        if isinstance(port, bool) or not isinstance(port, int):
-            raise chk.fail("web_graphics_guest_port", f"must be an integer, not {_describe(port)}")
     # The shim prefixes each warning with the file's name when it prints it.
     return [f"{k} is ignored: {why}" for k, why in _IGNORED_KEYS.items() if k in data]
 
@@ -442,6 +446,18 @@ def _command(chk: _Checker, data: dict[str, object]) -> tuple[str, ...] | None:
     if not command:
         raise chk.fail("command", "is empty; leave it out to run the image's own command")
     return tuple(chk.string(f"command[{i}]", a) for i, a in enumerate(command))
+
+
+def _web_graphics_port(chk: _Checker, data: dict[str, object]) -> int | None:
+    if "web_graphics_guest_port" not in data:
+        return None
+    port = data["web_graphics_guest_port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= PORT_MAX:
+        raise chk.fail(
+            "web_graphics_guest_port",
+            f"must be a TCP port number from 1 to {PORT_MAX}, not {_describe(port)}",
+        )
+    return port
 
 
 def _verbose(chk: _Checker, data: dict[str, object]) -> int:
@@ -513,6 +529,7 @@ def parse_job(
         mounts=mounts,
         build_args=_build_args(chk, data["build_args"]) if "build_args" in data else (),
         verbose=_verbose(chk, data),
+        web_graphics_guest_port=_web_graphics_port(chk, data),
         warnings=tuple(warnings),
     )
 

@@ -33,10 +33,12 @@ from .boinc_api import (
     EXIT_QUIT,
     EXIT_TEMPORARY,
     AppChannel,
+    Channel,
     ControlMessages,
     HeartbeatWatchdog,
     StatusReport,
     finish_exit_code,
+    web_graphics_reply,
     write_atomic,
     write_finish_file,
     write_temporary_exit_file,
@@ -125,6 +127,8 @@ def task_request(
             "device_num": init.gpu_device_num,
             "usage": init.gpu_usage,
         }
+    if job.web_graphics_guest_port is not None:
+        body["web_graphics"] = {"guest_port": job.web_graphics_guest_port}
     return body
 
 
@@ -172,6 +176,7 @@ class Runner:
         self.checkpoint_cpu = init.wu_cpu_time
         self.checkpoint_mtime = self._checkpoint_mtime()
         self.said: set[str] = set()
+        self.graphics_url = ""  # the web graphics URL the client has been sent
 
     # -- talking to the daemon ---------------------------------------------------
 
@@ -509,6 +514,25 @@ class Runner:
             self.checkpoint_mtime = mtime
             self.checkpoint_cpu = self._cpu_base() + float(self.task.get("cpu_time_s") or 0.0)
         self._send(self._status())
+        self._send_graphics_url()
+
+    def _send_graphics_url(self) -> None:
+        """Tell the client where the task's web graphics are, once per new URL
+        (the daemon's port for the task, kept across shim restarts)."""
+        graphics = self.task.get("web_graphics") or {}
+        if graphics.get("error"):
+            self._say_once("graphics", f"web graphics unavailable: {graphics['error']}")
+        url = str(graphics.get("url") or "")
+        if not url or url == self.graphics_url:
+            return
+        try:
+            message = web_graphics_reply(url)
+        except ValueError as exc:
+            self._say_once("graphics", f"web graphics not reported: {exc}")
+            return
+        if self.channel.send_msg(Channel.GRAPHICS_REPLY, message):
+            self.graphics_url = url
+            say(f"web graphics at {url} (container port {graphics.get('guest_port')})")
 
     def _final_status(self) -> None:
         """The last report (withdrawing other_pid), left in the channel.

@@ -128,3 +128,27 @@ def test_launchd_plist_keys() -> None:
     assert plist["StandardOutPath"].startswith("/Library/Logs/")
     assert plist["StandardErrorPath"].startswith("/Library/Logs/")
     assert plist["Umask"] == 0o007
+
+
+def test_rootful_unit_lets_web_graphics_enter_a_container_network_namespace() -> None:
+    # setns(CLONE_NEWNET) needs CAP_SYS_ADMIN and a namespace filter that allows
+    # net (webgraphics.py); nothing else is widened.
+    text = UNITS["boincd-containers.service"]
+    # systemd ORs repeated CapabilityBoundingSet= lines.
+    caps = {
+        cap
+        for line in text.splitlines()
+        if line.startswith("CapabilityBoundingSet=")
+        for cap in line.partition("=")[2].split()
+    }
+    assert caps == {
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_FOWNER",
+        "CAP_SYS_PTRACE",
+        "CAP_SYS_ADMIN",
+        # setpriority/sched_setscheduler on a container's processes (priority.py)
+        "CAP_SYS_NICE",
+    }
+    assert service_section(text)["RestrictNamespaces"] == "net"

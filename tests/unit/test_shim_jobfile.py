@@ -106,6 +106,7 @@ verbose = 2
         "fraction_done_filename": "progress/fd",
         "checkpoint_filename": "state.chk",
         "verbose": 2,
+        "web_graphics_guest_port": None,
     }
 
 
@@ -129,8 +130,11 @@ verbose = 1
     assert spec.to_request()["build_context"] == str(dirs.slot)
     assert spec.build_args == (("A", "1"), ("B", "two words"))
     assert spec.mounts[0].read_only is False
-    assert len(spec.warnings) == 3
+    # web_graphics_guest_port is a real key now; create_args and portmap stay ignored.
+    assert spec.web_graphics_guest_port == 80
+    assert len(spec.warnings) == 2
     assert any(w.startswith("create_args is ignored") for w in spec.warnings)
+    assert any(w.startswith("portmap is ignored") for w in spec.warnings)
 
 
 def test_image_with_a_dockerfile_pulls_but_keeps_the_dockerfile(dirs: Dirs) -> None:
@@ -223,7 +227,10 @@ def test_unknown_table(dirs: Dirs) -> None:
         ('build_args = "--build-arg A"', "build_args: '--build-arg A' needs NAME=VALUE"),
         ('build_args = { "A-B" = "1" }', "build_args: 'A-B' is not a valid build argument name"),
         ("build_args = { A = 1 }", "build_args.A: must be a string, not the integer 1"),
-        ("web_graphics_guest_port = true", "web_graphics_guest_port: must be an integer"),
+        ("web_graphics_guest_port = true", "web_graphics_guest_port: must be a TCP port"),
+        ("web_graphics_guest_port = 0", "from 1 to 65535, not the integer 0"),
+        ("web_graphics_guest_port = 65536", "from 1 to 65535, not the integer 65536"),
+        ('web_graphics_guest_port = "80"', "not the string '80'"),
         ('portmap = "80:80"', "portmap: must be a list"),
         ('image_digest = "sha256:abc"', "image_digest: 'sha256:abc' must be 'sha256:' and 64"),
         (f'image_digest = "{"a" * 64}"', "image_digest: checks an image_archive"),
@@ -468,3 +475,16 @@ def test_a_project_dir_in_a_symlink_loop_is_a_clear_message(dirs: Dirs) -> None:
 def test_every_unknown_key_is_named_at_once(dirs: Dirs) -> None:
     msg = dirs.error('image = "a"\ncomand = ["x"]\nbogus = 1\n')
     assert "unknown keys 'bogus', 'comand' (did you mean 'command'?)" in msg
+
+
+def test_web_graphics_guest_port_is_kept_and_portmap_is_refused_with_the_way_out(
+    dirs: Dirs,
+) -> None:
+    spec = dirs.job('image = "sci"\nweb_graphics_guest_port = 8080\n')
+    assert spec.web_graphics_guest_port == 8080
+    assert spec.warnings == ()
+    assert dirs.job('image = "sci"\n').web_graphics_guest_port is None
+    spec = dirs.job('image = "sci"\nportmap = ["8080:80"]\n')
+    (warning,) = spec.warnings
+    assert warning.startswith("portmap is ignored: task containers publish no ports")
+    assert "web_graphics_guest_port" in warning
