@@ -109,7 +109,7 @@ def engine_snapshot() -> dict[str, Any]:
     }
 
 
-def ctl(daemon: DaemonProcess, *args: str) -> Any:
+def ctl(daemon: DaemonProcess, *args: str, rc: int = 0) -> Any:
     done = subprocess.run(
         [sys.executable, "-m", "boincd_containers", "ctl", *args],
         env={**os.environ, "BOINCD_SOCKET": daemon.socket},
@@ -117,7 +117,7 @@ def ctl(daemon: DaemonProcess, *args: str) -> Any:
         text=True,
         timeout=120,
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == rc, done.stderr
     return json.loads(done.stdout) if "--json" in args else done.stdout
 
 
