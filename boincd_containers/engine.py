@@ -816,9 +816,12 @@ class Engine:
         labels: dict[str, str],
         buildargs: dict[str, str],
         progress: ProgressCallback | None = None,
+        *,
+        network: bool = True,
     ) -> None:
         """`docker build`; the context as bytes or, for any real one, an async
-        iterable of pieces, sent as they come (chunked): never whole in memory."""
+        iterable of pieces, sent as they come (chunked): never whole in memory.
+        Without `network`, its steps run with none (BOINC suspended network use)."""
         params = {
             "t": tag,
             "labels": json.dumps(labels),
@@ -826,6 +829,8 @@ class Engine:
             "rm": "1",
             "forcerm": "1",
         }
+        if not network:
+            params["networkmode"] = "none"
         await self._stream(
             f"build {tag}",
             "build",

@@ -332,6 +332,31 @@ def build_context(slot: Path | Opened, owner: Owner | None = None) -> bytes:
             opened.close()
 
 
+_FROM = re.compile(r"^\s*FROM\s+(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?\s*$", re.IGNORECASE)
+
+
+def base_images(dockerfile: str) -> list[str] | None:
+    """The images a Dockerfile builds FROM, other than its own stages and
+    `scratch`; None when one cannot be known without building (an ARG in it).
+
+    What a build needs from a registry, apart from what its steps fetch: with
+    all of them here it can be tried while BOINC suspends network use."""
+    stages: set[str] = set()
+    bases: list[str] = []
+    for line in dockerfile.replace("\\\n", " ").splitlines():
+        match = _FROM.match(line)
+        if match is None:
+            continue
+        image, alias = match.group(1), match.group(2)
+        if "$" in image:
+            return None
+        if image.lower() != "scratch" and image.lower() not in stages:
+            bases.append(image)
+        if alias:
+            stages.add(alias.lower())
+    return bases
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:

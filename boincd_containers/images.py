@@ -44,6 +44,7 @@ from .image_sources import (
     ContextStream,
     PullProgress,
     archive_image,
+    base_images,
     build_context,
     fetch_error,
     normalize_ref,
@@ -54,6 +55,8 @@ from .safepath import READ_FILE, Opened, UnsafePath, inside, open_beneath
 from .taskspec import CheckedPaths, TaskRequest, check_paths
 
 log = get_logger(__name__)
+
+_DOCKERFILE_MAX_BYTES = 1 << 20
 
 Progress = Callable[[str], None]
 
@@ -192,8 +195,11 @@ class ImageCache:
                 # Our own build, its record lost (images.json): labels are the truth.
                 self.records.bring(image_id, tag, "build")
             return Resolved(tag, image_id)
-        if not request.allow_fetch:
-            raise _suspended(f"image {tag} must be built")
+        # While BOINC suspends network use, a build whose base images are all here
+        # is tried without network; only one that needs a pull waits.
+        offline = not request.allow_fetch
+        if offline and not await self._bases_present(paths):
+            raise _suspended(f"image {tag} must be built from an image that is not here")
         # The build reads the slot again, later, maybe after this task is gone:
         # from a context opened now on the checked slot, which the build owns.
         if f"build:{tag}" in self._inflight:
@@ -204,9 +210,23 @@ class ImageCache:
             f"build:{tag}",
             request.result,
             progress,
-            lambda key: self._build(build, full_digest, tag, request, key),
+            lambda key: self._build(build, full_digest, tag, request, key, network=not offline),
         )
         return Resolved(tag, image_id)
+
+    async def _bases_present(self, paths: CheckedPaths) -> bool:
+        """Whether every image the slot's Dockerfile builds FROM is here."""
+        try:
+            text = await asyncio.to_thread(_read_dockerfile, paths)
+        except (BoincdError, OSError):
+            return False  # the build itself will say what is wrong with it
+        bases = base_images(text)
+        if bases is None:
+            return False
+        for base in bases:
+            if await self._present(normalize_ref(base)) is None:
+                return False
+        return True
 
     async def _single_flight(
         self,
@@ -403,15 +423,23 @@ class ImageCache:
         tag: str,
         request: TaskRequest,
         key: str,
+        *,
+        network: bool = True,
     ) -> str:
         assert context is not None  # the first task of a flight opened it
         try:
-            return await self._build_from(context, digest, tag, request, key)
+            return await self._build_from(context, digest, tag, request, key, network)
         finally:
             context.close()
 
     async def _build_from(
-        self, context: ContextStream, digest: str, tag: str, request: TaskRequest, key: str
+        self,
+        context: ContextStream,
+        digest: str,
+        tag: str,
+        request: TaskRequest,
+        key: str,
+        network: bool,
     ) -> str:
         self.operations += 1
         tracker = BuildTracker()
@@ -425,11 +453,18 @@ class ImageCache:
         log.info("building image", image=tag, result=request.result)
         try:
             try:
-                await self.engine.build_image(context, tag, labels, request.build_args, on_line)
+                await self.engine.build_image(
+                    context, tag, labels, request.build_args, on_line, network=network
+                )
             except BoincdError as exc:
                 # Our own reading stopped the request: say why, not "connection lost".
                 if isinstance(context.error, BoincdError):
                     raise context.error from exc
+                if not network:
+                    # Perhaps for want of the network BOINC suspended: wait for it.
+                    raise _suspended(
+                        f"image {tag} could not be built without network ({exc.message})"
+                    ) from exc
                 raise
             sent = context.hexdigest()
             if sent != digest:
@@ -452,6 +487,8 @@ class ImageCache:
                     log.warning(
                         "cannot remove a failed build's step", image=fresh, error=str(cleanup)
                     )
+            if isinstance(exc, NetworkSuspended):
+                raise  # retried once BOINC allows network use again
             error = self._failed(exc, f"cannot build the slot's Dockerfile ({tag})")
             log.warning("build failed", image=tag, error=error.message)
             raise error from exc
@@ -527,6 +564,18 @@ class ImageCache:
             self.records.forget(image_id)
             log.info("image removed", image=image_id, refs=record.get("refs"))
             return Removal(image_id, True, "removed")
+
+
+def _read_dockerfile(paths: CheckedPaths) -> str:
+    opened = open_beneath(paths.slot, "Dockerfile", "the Dockerfile")
+    try:
+        fd = opened.reopen(os.O_RDONLY | os.O_NONBLOCK)
+    finally:
+        opened.close()
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise OSError("the Dockerfile is not a regular file")
+        return fh.read(_DOCKERFILE_MAX_BYTES).decode("utf-8", errors="replace")
 
 
 def _suspended(what: str) -> NetworkSuspended:

@@ -528,3 +528,23 @@ def _answers(host: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_while_boinc_suspends_network_a_build_from_local_images_runs_without_it(
+    make_daemon: Callable[..., DaemonProcess], images: TestImages
+) -> None:
+    daemon = make_daemon()
+    local = slot(daemon, f"off_local-{RUN}")
+    # The build's steps get no network: the interfaces a step saw are in the image.
+    (local / "Dockerfile").write_text(
+        f"FROM {images.base}\nRUN grep -o '^ *[a-z0-9]*:' /proc/net/dev | tr -d ' :' > /net\n"
+    )
+    built = create(daemon, f"off_local-{RUN}", build=True, allow_fetch=False)
+    assert built["state"] == "created", built
+    net = docker("run", "--rm", "--network", "none", built["image_id"], "cat", "/net")
+    assert net.split() == ["lo"]  # no eth0: no network
+    absent = slot(daemon, f"off_absent-{RUN}")
+    (absent / "Dockerfile").write_text(f"FROM 127.0.0.1:1/{PREFIX}/not-here:1\n")
+    waiting = create(daemon, f"off_absent-{RUN}", build=True, allow_fetch=False)
+    assert (waiting["state"], waiting["error"]["code"]) == ("waiting", "network_suspended")
+    assert "not here" in waiting["error"]["message"]

@@ -35,6 +35,8 @@ class ImageEngine(FakeEngine):
         self.image_events_queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.volumes: list[dict[str, Any]] = []
         self.build_fails_at: int | None = None  # step number whose RUN fails
+        self.build_networks: list[bool] = []  # network of each build (False: BOINC off)
+        self.offline_fails = False
         self.add_image("boincd-test/busybox:latest", [layer("busybox", 2_000_000)])
 
     # -- test controls --------------------------------------------------------------
@@ -164,10 +166,16 @@ class ImageEngine(FakeEngine):
         labels: dict[str, str],
         buildargs: dict[str, str],
         progress: Any = None,
+        *,
+        network: bool = True,
     ) -> None:
         """Three steps like the classic builder: FROM busybox, COPY, RUN; each
-        committed step leaves an image, as Docker's do."""
+        committed step leaves an image, as Docker's do. `offline_fails`: a step
+        that fetches (the build fails without network)."""
         self._check()
+        self.build_networks.append(network)
+        if not network and self.offline_fails:
+            raise ImageError(f"build {tag}: wget: bad address 'example.org'")
         if not isinstance(context_tar, bytes):  # streamed, as the daemon sends it
             context_tar = b"".join([piece async for piece in context_tar])
         self.calls.append(("build", tag))

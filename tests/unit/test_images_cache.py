@@ -14,6 +14,7 @@ import pytest
 from boincd_containers import labels as L
 from boincd_containers.engine import Engine
 from boincd_containers.errors import ImageError, NetworkSuspended, Unavailable
+from boincd_containers.image_sources import base_images
 from boincd_containers.images import ImageCache, Removal
 from boincd_containers.taskspec import TaskRequest, parse_request
 from tests.unit.images_fake import ImageEngine, layer
@@ -150,6 +151,40 @@ async def test_network_suspended_waits_for_a_pull_but_not_for_an_image_here(
     cache.records.tags[APP]["resolved_at"] = 0.0  # stale, but the network is off: use it
     assert (await cache.ensure(req(tmp_path, "r_2", allow_fetch=False))).id == first.id
     assert engine.pulls == [APP]
+
+
+async def test_while_boinc_suspends_network_a_build_from_local_images_runs_without_it(
+    cache: ImageCache, engine: ImageEngine, tmp_path: Path
+) -> None:
+    local = {"Dockerfile": "FROM boincd-test/busybox AS base\nFROM base\nCOPY . /\n"}
+    built = await cache.ensure(req(tmp_path, "r_0", local, build=True, allow_fetch=False))
+    assert built.ref.startswith("boincd__proj__")
+    assert engine.build_networks == [False]  # its steps had no network
+
+    absent = {"Dockerfile": "FROM reg.example/not-here:1\nCOPY . /\n"}
+    with pytest.raises(NetworkSuspended, match="not here"):
+        await cache.ensure(req(tmp_path, "r_1", absent, build=True, allow_fetch=False))
+    unknown = {"Dockerfile": "ARG BASE\nFROM $BASE\n"}
+    with pytest.raises(NetworkSuspended):
+        await cache.ensure(req(tmp_path, "r_2", unknown, build=True, allow_fetch=False))
+    assert engine.build_networks == [False]  # neither was tried
+
+    engine.offline_fails = True  # a step that fetches: waits for BOINC's network after all
+    fetching = {"Dockerfile": "FROM boincd-test/busybox\nRUN wget example.org\n"}
+    with pytest.raises(NetworkSuspended, match="without network"):
+        await cache.ensure(req(tmp_path, "r_3", fetching, build=True, allow_fetch=False))
+    engine.offline_fails = False
+    await cache.ensure(req(tmp_path, "r_4", fetching, build=True))
+    assert engine.build_networks[-1] is True
+
+
+def test_base_images_of_a_dockerfile() -> None:
+    assert base_images("FROM a:1 AS b\nRUN x\nFROM --platform=linux/amd64 b\nFROM scratch\n") == [
+        "a:1"
+    ]
+    assert base_images("from  reg:5000/x@sha256:ab \nFROM c\n") == ["reg:5000/x@sha256:ab", "c"]
+    assert base_images("ARG V=1\nFROM img:${V}\n") is None
+    assert base_images("RUN true\n") == []
 
 
 async def test_registry_errors_become_clear_task_errors(
