@@ -16,7 +16,9 @@ import os
 import re
 import stat
 import tarfile
-from collections.abc import Generator, Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -125,10 +127,14 @@ def archive_image(source: Path | BinaryIO, name: str | None = None) -> tuple[str
             image_id = "sha256:" + hashlib.sha256(config.read()).hexdigest()
             tags = [str(t) for t in entry.get("RepoTags") or []]
             return image_id, tags
-    except (tarfile.TarError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise ImageError(
-            f"image_archive {name} is not a `docker save` archive or is damaged: {exc}"
-        ) from None
+    except tarfile.TarError:
+        # tarfile's own text lists every compression it tried, with reprs.
+        reason = "it is not a tar file (or a damaged one)"
+    except (ValueError, KeyError, IndexError, TypeError):
+        reason = "its manifest.json does not describe an image"
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    raise ImageError(f"image_archive {name} is not a `docker save` archive or is damaged: {reason}")
 
 
 # -- build contexts ---------------------------------------------------------------------
@@ -365,14 +371,34 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+RATE_WINDOW_S = 10.0
+
+
 class PullProgress:
     """Docker's per-layer pull stream summed up in one line a volunteer can read."""
 
-    def __init__(self, ref: str) -> None:
+    def __init__(self, ref: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.ref = ref
         self.layers: dict[str, tuple[int, int]] = {}  # id -> (downloaded, total)
         self.done: set[str] = set()
         self.last = ""
+        self._clock = clock
+        # (when, bytes done) over the last RATE_WINDOW_S: the rate a person sees.
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def bytes(self) -> tuple[int, int]:
+        return sum(c for c, _ in self.layers.values()), sum(t for _, t in self.layers.values())
+
+    def rate(self) -> float:
+        """Bytes per second over the last few seconds."""
+        if len(self._samples) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def detail(self) -> dict[str, Any]:
+        done, total = self.bytes()
+        return {"bytes_done": done, "bytes_total": total, "bytes_per_s": round(self.rate())}
 
     def update(self, line: dict[str, Any]) -> str | None:
         """The new summary, or None when nothing a person would notice changed."""
@@ -391,10 +417,15 @@ class PullProgress:
         elif not status:
             return None
         if self.layers:
-            got = sum(c for c, _ in self.layers.values())
-            total = sum(t for _, t in self.layers.values())
+            got, total = self.bytes()
+            now = self._clock()
+            self._samples.append((now, got))
+            while self._samples and self._samples[0][0] < now - RATE_WINDOW_S:
+                self._samples.popleft()
             size = f", {human_bytes(got)} of {human_bytes(total)}" if total else ""
-            text = f"pulling {self.ref}: {len(self.done)} of {len(self.layers)} layers{size}"
+            rate = self.rate()
+            speed = f", {human_bytes(rate)}/s" if rate > 0 else ""
+            text = f"pulling {self.ref}: {len(self.done)} of {len(self.layers)} layers{size}{speed}"
         else:
             text = f"pulling {self.ref}: {status}"
         if text == self.last:

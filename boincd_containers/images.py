@@ -16,7 +16,9 @@ container (a lease). Everything else on the engine is the volunteer's.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
+import random
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -57,6 +59,8 @@ from .taskspec import CheckedPaths, TaskRequest, check_paths
 log = get_logger(__name__)
 
 _DOCKERFILE_MAX_BYTES = 1 << 20
+PULL_RETRY_S = 5.0  # after a pull whose registry could not be reached, doubling...
+PULL_RETRY_MAX_S = 300.0  # ...up to this
 
 Progress = Callable[[str], None]
 
@@ -88,13 +92,19 @@ class ImageCache:
         owner_id: str,
         *,
         tag_refresh_interval_s: float = 3600.0,
+        pull_stall_s: float = 120.0,
     ) -> None:
         self.engine = engine
         self.owner_id = owner_id
         self.tag_refresh_interval_s = tag_refresh_interval_s
+        self.pull_stall_s = pull_stall_s
+        # ref -> (not before, next delay): a registry that could not be reached is
+        # not asked again for each task that wants the image, but after a backoff.
+        self._pull_backoff: dict[str, tuple[float, float, BoincdError]] = {}
         self.records = ImageRecords(state_dir / "images.json")
         self._inflight: dict[str, asyncio.Future[str]] = {}
         self._progress: dict[str, str] = {}  # flight key -> latest progress line
+        self._details: dict[str, dict[str, Any]] = {}  # flight key -> bytes, rate
         self._listeners: dict[str, list[Progress]] = {}
         self._waiting: dict[str, set[str]] = {}  # flight key -> results waiting for it
         # Held while checking that an image is present and leasing it, and while
@@ -264,6 +274,7 @@ class ImageCache:
     def _flight_done(self, key: str) -> None:
         self._inflight.pop(key, None)
         self._progress.pop(key, None)
+        self._details.pop(key, None)
         self._listeners.pop(key, None)
         self._waiting.pop(key, None)
 
@@ -279,6 +290,7 @@ class ImageCache:
             {
                 "what": key,
                 "progress": self._progress.get(key, ""),
+                **self._details.get(key, {}),
                 "tasks": len(self._listeners.get(key, ())),
             }
             for key in sorted(self._inflight)
@@ -312,6 +324,10 @@ class ImageCache:
             return Resolved(ref, present)  # the volunteer's network switch wins over freshness
         if present is None and not request.allow_fetch:
             raise _suspended(f"image {ref} is not here and must be pulled")
+        backoff = self._pull_backoff.get(ref)
+        if present is None and backoff is not None and time.monotonic() < backoff[0]:
+            # The last attempt's error, until the backoff is over.
+            raise copy.copy(backoff[2])
         image_id = await self._single_flight(
             f"pull:{ref}", request.result, progress, lambda key: self._pull(ref, present, key)
         )
@@ -322,20 +338,36 @@ class ImageCache:
         self.operations += 1
         tracker = PullProgress(ref)
 
+        loop = asyncio.get_running_loop()
+
         def on_line(line: dict[str, Any]) -> None:
+            stall.reschedule(loop.time() + self.pull_stall_s)  # data came: not stalled
             text = tracker.update(line)
             if text is not None:
                 self._report(key, text)
+                self._details[key] = tracker.detail()
             if line.get("status") == "Pull complete":
                 log.info("image layer pulled", image=ref, layer=line.get("id"), done=text)
 
         try:
-            await self.engine.pull_image(ref, on_line)
+            try:
+                async with asyncio.timeout(self.pull_stall_s) as stall:
+                    await self.engine.pull_image(ref, on_line)
+            except TimeoutError:
+                raise Unavailable(
+                    f"pull of {ref} stalled: no data for {self.pull_stall_s:.0f} s "
+                    "(it is tried again later)"
+                ) from None
             image_id = await self._present(ref)
             if image_id is None:
                 raise ImageError(f"pull {ref}: the engine reports success but has no such image")
         except BoincdError as exc:
             error = self._failed(exc, f"cannot pull {ref}")
+            if error.retryable:
+                _, delay, _ = self._pull_backoff.get(ref, (0.0, PULL_RETRY_S / 2, error))
+                delay = min(delay * 2, PULL_RETRY_MAX_S)
+                until = time.monotonic() + delay * random.uniform(0.8, 1.2)
+                self._pull_backoff[ref] = (until, delay, error)
             if had is None:
                 log.warning("pull failed", image=ref, error=error.message)
                 raise error from exc
@@ -344,6 +376,7 @@ class ImageCache:
             log.warning("tag refresh failed; using the image here", image=ref, error=error.message)
             self.records.resolved(ref, had, time.time())
             return had
+        self._pull_backoff.pop(ref, None)
         brought = had is None or image_id != had
         if had is not None and image_id != had:
             log.info("tag moved to a new image", image=ref, old=had, new=image_id)

@@ -452,7 +452,6 @@ INVENTORY = web.AppKey("inventory", Inventory)
 def attach(daemon: Daemon, app: web.Application) -> None:
     """Feature hook (api.FEATURES)."""
     # The cache reads the refresh interval here so that Daemon needs no change.
-    daemon.images.tag_refresh_interval_s = daemon.settings.tag_refresh_interval_s
     inventory = Inventory(daemon.engine, daemon.registry, daemon.images, daemon.settings)
     inventory.hook_up()
     daemon.extra_status.append(inventory)

@@ -82,7 +82,13 @@ class Daemon:
         self.version = _version()
         self.engine = Engine(settings.docker_host, settings.engine_timeout_s)
         self.registry = Registry(self.engine, self.instance_id)
-        self.images = ImageCache(self.engine, self.state_dir, self.instance_id)
+        self.images = ImageCache(
+            self.engine,
+            self.state_dir,
+            self.instance_id,
+            tag_refresh_interval_s=settings.tag_refresh_interval_s,
+            pull_stall_s=settings.pull_stall_s,
+        )
         self.monitor = Monitor(self.registry)
         backends = [
             TimedBackend(b, settings.gpu_timeout_s) for b in gpu_backends(settings.gpu_backend)

@@ -55,6 +55,9 @@ class Settings:
     # None: a share of the free disk under the engine's data root, decided at start.
     image_cache_budget_bytes: int | None = None
     tag_refresh_interval_s: float = 3600.0
+    # A pull that brings no data for this long is given up and tried again later
+    # (with backoff: 5 s, doubling up to 5 min), as one whose registry is down.
+    pull_stall_s: float = 120.0
     network_name: str = "bridge"
     engine_timeout_s: float = 60.0
     # GPU inventory: "auto" (NVML for NVIDIA, /sys for AMD and Intel), "none" (give

@@ -62,6 +62,7 @@ FIRST_HEARTBEAT_WAIT_S = 3.0
 # host do not knock on a registry in step.
 CREATE_RETRY_S = 5.0
 CREATE_RETRY_MAX_S = 120.0
+PROGRESS_EVERY_S = 5.0  # at most one progress line in stderr.txt this often
 # Causes that are not an outage: BOINC's network switch, a GPU share to free up.
 _PATIENT_CODES = ("network_suspended", "busy")
 MAX_BACKOFF_S = 5.0  # between attempts to reach a daemon that is down
@@ -161,6 +162,7 @@ class Runner:
         self.create_retry_at = 0.0
         self.create_delay_s = CREATE_RETRY_S
         self.create_refused = False
+        self.progress_said, self.progress_at = "", -math.inf
         # Since when the task cannot be prepared for a cause that is not BOINC's
         # (a registry or engine down): counted toward the give-up limit, whatever
         # the daemon itself answers meanwhile.
@@ -440,10 +442,19 @@ class Runner:
             task = self._call("GET", self._task_path())
         if task is not None:
             self.task = task
+            self._tell_progress(str(task.get("progress") or ""))
             # What the daemon could not do for this task (limits a rootless engine
             # cannot apply): once in stderr.txt, where the project sees it.
             for warning in task.get("warnings") or []:
                 self._say_once(f"warning:{warning}", f"warning: {warning}")
+
+    def _tell_progress(self, text: str) -> None:
+        """A pull's or build's progress in stderr.txt, a line every few seconds at
+        most: what a volunteer watching a big first download wants to see."""
+        now = time.monotonic()
+        if text and text != self.progress_said and now >= self.progress_at + PROGRESS_EVERY_S:
+            say(text)
+            self.progress_said, self.progress_at = text, now
 
     def _start(self) -> None:
         cpu_base = self.init.wu_cpu_time

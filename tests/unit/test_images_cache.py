@@ -178,6 +178,30 @@ async def test_while_boinc_suspends_network_a_build_from_local_images_runs_witho
     assert engine.build_networks[-1] is True
 
 
+async def test_a_stalled_pull_is_given_up_and_an_unreachable_registry_asked_with_backoff(
+    engine: ImageEngine, tmp_path: Path
+) -> None:
+    cache = ImageCache(cast(Engine, engine), tmp_path, "me", pull_stall_s=0.2)
+    try:
+        engine.pull_delay = 5.0  # no data at all: stalled
+        with pytest.raises(Unavailable, match="stalled: no data for 0 s"):
+            await cache.ensure(req(tmp_path, "r_0"))
+        assert engine.pulls == [APP]
+        # The next task asks within the backoff: the same answer, no second pull.
+        with pytest.raises(Unavailable, match="stalled"):
+            await cache.ensure(req(tmp_path, "r_1"))
+        assert engine.pulls == [APP]
+        # Past it, the registry is asked again, and its success clears the backoff.
+        engine.pull_delay = 0.0
+        _, delay, error = cache._pull_backoff[APP]
+        cache._pull_backoff[APP] = (0.0, delay, error)  # the backoff is over
+        await cache.ensure(req(tmp_path, "r_2"))
+        assert engine.pulls == [APP, APP]
+        assert cache._pull_backoff == {}
+    finally:
+        await cache.close()
+
+
 def test_base_images_of_a_dockerfile() -> None:
     assert base_images("FROM a:1 AS b\nRUN x\nFROM --platform=linux/amd64 b\nFROM scratch\n") == [
         "a:1"

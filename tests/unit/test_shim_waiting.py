@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,28 @@ def test_a_task_that_cannot_run_takes_its_container_with_it(tmp_path: Path) -> N
     with pytest.raises(shim_runner.TaskFailed, match="OCI runtime create failed"):
         runner.run()
     assert ("DELETE", f"/v1/tasks/{daemon.task['result']}", None) in daemon.calls
+
+
+def test_progress_is_told_a_line_every_few_seconds_at_most(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shim_runner, "PROGRESS_EVERY_S", 0.35)
+    daemon = FakeDaemon({"state": "preparing", "container_id": ""})
+    polls = {"n": 0}
+
+    def pull_then_create(d: FakeDaemon, method: str, url: str, body: Any) -> None:
+        if "/wait" in url:
+            time.sleep(0.1)  # the daemon's long poll: an answer within a tick
+        polls["n"] += 1
+        n = polls["n"]
+        d.task["progress"] = f"pulling app:1: 0 of 1 layers, {n} KiB of 40 KiB"
+        if n > 20:  # about 2 s of pulling, then the container
+            d.task.update(state="created", container_id="c" * 64, progress="")
+        if url.endswith("/start"):
+            d.task.update(state="exited", exit_code=0)
+
+    daemon.on_call = pull_then_create
+    assert make_runner(tmp_path, daemon, FakeChannel()).run() == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "pulling app:1" in line]
+    # A new figure every 0.1 s, told at most every 0.35 s: a few lines, not 20.
+    assert 2 <= len(lines) <= 8, lines
