@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import math
 import os
 import re
@@ -42,10 +43,12 @@ import socket
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 from xml.sax.saxutils import escape
+
+from tests.names import unique
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,12 +61,40 @@ class ClientBinaries:
     boinc: Path
     boinccmd: Path
 
+    def __str__(self) -> str:
+        return self.version
+
     def available(self) -> bool:
         return self.boinc.exists() and self.boinccmd.exists()
+
+    def reported_version(self) -> str:
+        """What ``boinc --version`` prints first, e.g. ``7.20.5``."""
+        out = subprocess.run(
+            [str(self.boinc), "--version"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
+        return out[0] if out else ""
 
     @property
     def version_tuple(self) -> tuple[int, ...]:
         return tuple(int(x) for x in self.version.split("."))
+
+    # What differs between releases (see the module docstring for the source).
+    @property
+    def reads_bytes_transferred(self) -> bool:
+        """Reads the app's ``<bytes_sent>``/``<bytes_received>`` (before 8.2.14)."""
+        return self.version_tuple < (8, 2, 14)
+
+    @property
+    def writes_docker_info(self) -> bool:
+        """Writes ``<plan_class>``, ``<docker_version>``, ``<docker_type>`` into
+        init_data.xml (8.2 and later)."""
+        return self.version_tuple >= (8, 2)
+
+    @property
+    def cleans_up_docker(self) -> bool:
+        """Removes ``boinc__*`` containers at start unless allow_multiple_clients
+        (docker_cleanup, 8.2.0 and later)."""
+        return self.version_tuple >= (8, 2)
 
 
 # Debian's client (7.20.5 on Debian 12) and the newest release, built unmodified
@@ -380,6 +411,52 @@ class ClientError(RuntimeError):
     pass
 
 
+# Clients started without --allow_multiple_clients hold this lock (flock) from
+# their first start to close(): a volunteer's host runs one such client, and
+# an 8.2 one cleans up every boinc__* container of the engine at start.
+SINGLE_CLIENT_LOCK = Path(os.environ.get("BOINCD_TEST_LOCK_DIR", "/tmp")) / (
+    "boincd-tests-single-client.lock"
+)
+
+
+_lock_fd: int | None = None
+_lock_holders = 0
+
+
+@contextlib.contextmanager
+def single_client_lock(timeout: float = 120) -> Iterator[None]:
+    """Hold SINGLE_CLIENT_LOCK (shared with other test sessions on this host).
+
+    Reentrant within this process: a test that prepares the host for a
+    single-instance client (a hello-world image, a decoy container) takes it
+    first, and its client's start() then takes it again without waiting.
+    """
+    global _lock_fd, _lock_holders
+    if _lock_holders == 0:
+        fd = os.open(SINGLE_CLIENT_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise ClientError(
+                        f"another single-instance test client holds {SINGLE_CLIENT_LOCK}"
+                    ) from None
+                time.sleep(0.5)
+        _lock_fd = fd
+    _lock_holders += 1
+    try:
+        yield
+    finally:
+        _lock_holders -= 1
+        if _lock_holders == 0 and _lock_fd is not None:
+            os.close(_lock_fd)  # releases the flock
+            _lock_fd = None
+
+
 class BoincClient:
     """A BOINC client with its own data dir, GUI RPC port and fake project.
 
@@ -406,13 +483,24 @@ class BoincClient:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         binaries: ClientBinaries = DEBIAN_CLIENT,
+        allow_multiple_clients: bool = True,
+        plan_class: str = "",
     ) -> None:
         self.binaries = binaries
         self.dir = Path(base_dir).resolve()
         self.app_main = Path(app_main)
         self.results = list(results)
         self.project_name = project_name
-        self.master_url = master_url or f"http://127.0.0.1:1/{project_name}/"
+        # Unique per client unless given: the project dir name is part of every
+        # container name, so nothing an earlier run left can clash with it.
+        self.master_url = master_url or f"http://127.0.0.1:1/{unique(project_name)}/"
+        # False: started as a volunteer's client is, one per host at a time
+        # (SINGLE_CLIENT_LOCK); 8.2 clients then clean up Docker at start.
+        self.allow_multiple_clients = allow_multiple_clients
+        # The app version's (and its results') plan class; 8.2's docker_cleanup
+        # spares only containers of started tasks whose plan class has "docker".
+        self.plan_class = plan_class
+        self._single_lock: contextlib.ExitStack | None = None
         self.app_name = app_name
         self.app_files = list(app_files)
         self.app_cmdline = app_cmdline
@@ -436,6 +524,10 @@ class BoincClient:
         # Process groups of every client started, for close().
         self._pgids: list[int] = []
         self.write_data_dir()
+
+    @property
+    def version(self) -> tuple[int, ...]:
+        return self.binaries.version_tuple
 
     # -------------------------------------------------------------- layout
 
@@ -550,7 +642,12 @@ class BoincClient:
             f"    <app_name>{escape(self.app_name)}</app_name>\n"
             f"    <version_num>{VERSION_NUM}</version_num>\n"
             f"    <platform>{platform}</platform>\n"
-            f"    <avg_ncpus>{self.avg_ncpus}</avg_ncpus>\n"
+            + (
+                f"    <plan_class>{escape(self.plan_class)}</plan_class>\n"
+                if self.plan_class
+                else ""
+            )
+            + f"    <avg_ncpus>{self.avg_ncpus}</avg_ncpus>\n"
             f"    <max_ncpus>{self.avg_ncpus}</max_ncpus>\n"
             "    <flops>1e9</flops>\n"
             f"    <api_version>{API_VERSION}</api_version>\n"
@@ -598,7 +695,12 @@ class BoincClient:
                 f"    <wu_name>{escape(r.wu_name)}</wu_name>\n"
                 f"    <platform>{platform}</platform>\n"
                 f"    <version_num>{VERSION_NUM}</version_num>\n"
-                f"    <state>{RESULT_FILES_DOWNLOADED}</state>\n"
+                + (
+                    f"    <plan_class>{escape(self.plan_class)}</plan_class>\n"
+                    if self.plan_class
+                    else ""
+                )
+                + f"    <state>{RESULT_FILES_DOWNLOADED}</state>\n"
                 f"    <received_time>{now:.0f}</received_time>\n"
                 f"    <report_deadline>{now + 30 * 86400:.0f}</report_deadline>\n"
                 + "".join(out_refs)
@@ -627,10 +729,11 @@ class BoincClient:
             "--skip_cpu_benchmarks",
             "--no_info_fetch",
             "--no_gpus",
-            "--allow_multiple_clients",
             "--gui_rpc_port",
             str(self.port),
         ]
+        if self.allow_multiple_clients:
+            cmd.append("--allow_multiple_clients")
         if self.unsigned_apps_ok:
             cmd.append("--unsigned_apps_ok")
         return cmd + self.extra_args
@@ -648,6 +751,10 @@ class BoincClient:
         """
         if self.running:
             raise ClientError("client already running")
+        if not self.allow_multiple_clients and self._single_lock is None:
+            stack = contextlib.ExitStack()
+            stack.enter_context(single_client_lock(max(timeout, 120)))
+            self._single_lock = stack
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.command(),
@@ -720,6 +827,9 @@ class BoincClient:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pgid, signal.SIGKILL)
             self.kill_slot_processes()
+            if self._single_lock is not None:
+                self._single_lock.close()
+                self._single_lock = None
 
     def __enter__(self) -> BoincClient:
         return self
