@@ -7,7 +7,13 @@ once. Everything the client would fetch is marked present, and every URL points
 at ``127.0.0.1:1``, where a connection is refused at once, so a client allowed to
 use the network fails fast instead of hanging on DNS or timeouts.
 
-Facts about client 7.20.5 that this module relies on (read from the client's
+The client binaries are a parameter (``ClientBinaries``: Debian's 7.20.5, or
+8.2.15 from ../shared/); the e2e tests run under both (tests/clients.py). A
+``BoincClient`` knows what it drives: ``binaries.version``, and whether it was
+started with ``--allow_multiple_clients`` (the default, as tests must not
+disturb each other) or as a volunteer's client is, without it.
+
+Facts about both releases that this module relies on (read from the client's
 source and checked by ``tests/e2e/test_boinc_harness.py``):
 
 * ``--unsigned_apps_ok`` makes the client suspend network activity for good
@@ -28,6 +34,40 @@ source and checked by ``tests/e2e/test_boinc_harness.py``):
   (nothing can upload). Output files with ``<copy_file/>`` are copied from the
   slot to the project dir when the app ends; an output file without an upload
   URL would be deleted, so every output file gets one.
+* Priority (client/app_start.cpp ``get_priority``): nice 19 for a CPU task;
+  nice 10 ("high priority") for a GPU task, an app version with ``avg_ncpus``
+  below 1, or an ``is_wrapper`` one. Every 10 s (MEMORY_USAGE_PERIOD) the
+  client adds up the CPU time of "non-BOINC" processes, skipping those at
+  nice 19 and the tasks' process trees (from the app's pid and its
+  ``other_pid``), and at more than ``suspend_cpu_usage`` percent (default 25;
+  DETERMINISTIC_PREFS sets 0) logs "Suspending computation - CPU is busy".
+* Without ``--allow_multiple_clients`` both lock their data dir (a second
+  client on the same dir exits). Nothing else about other clients changes in
+  7.20; 8.2 also cleans up Docker (below), which acts on the whole engine, so
+  such clients run one at a time on a host (``single_client_lock``).
+
+Where 8.2.15 differs from 7.20.5:
+
+* At start it probes for an engine: ``podman --version`` and ``podman run --rm
+  hello-world``, then the same with ``docker``; the first whose output has a
+  line containing "Hello" is logged as "Docker: version V (Docker|podman)"
+  (else "... found but 'hello-world' test failed"). Offline that needs a local
+  ``hello-world`` image (tests/volunteer.py).
+* Without ``--allow_multiple_clients`` (cc_config or flag), once the probe
+  found an engine, ``docker_cleanup`` (client/cs_apps.cpp) runs ``ps --all``
+  and ``rm -f`` on every container whose name starts with ``boinc__``, except
+  ``boinc__<project dir, lower case>__<result, lower case>`` of a started task
+  whose app version's plan class contains "docker"; each removal logged as
+  "Removed unused Docker container: NAME". (On Podman it also ``image rm``s
+  ``localhost/boinc__*`` images.) 7.20 has no such cleanup.
+* init_data.xml gets ``<plan_class>`` (when not empty) and, in ``host_info``,
+  ``<docker_version>`` and ``<docker_type>`` when the probe found an engine;
+  7.20 writes none of them.
+* It reads the app's ``<wss>`` from app_status as the task's working set; 7.20
+  ignores it and measures the task's process tree only, which a container's
+  processes (children of the engine) are not part of.
+* Since 8.2.14 it no longer reads ``<bytes_sent>``/``<bytes_received>`` from
+  app_status: boinccmd then prints no "bytes sent" line for the task.
 """
 
 from __future__ import annotations
