@@ -268,14 +268,19 @@ def test_writing_past_the_disk_bound_fails_the_task_with_the_message(
     client.wait_for(lambda: containers_of(result) == [], 30, "container removed")
 
 
+HOLD = 40_000_000
+# boinccmd's "MB" are MiB (lib/gui_rpc_client_print.cpp: / MEGA, 2^20).
+HOLD_MB = HOLD // MiB
+
+
 def test_the_client_sees_the_containers_memory_where_it_reads_wss(
     clients: Clients, short_tmp: Path, shim_pyz: Path, daemon: DaemonProcess
 ) -> None:
     result = unique("mem")
-    # About 40 MB held by the container's init (`:` last, or the shell would exec
+    # HOLD bytes held by the container's init (`:` last, or the shell would exec
     # the loop's last command and drop it). The shim alone is far smaller.
     hold = (
-        "x=$(head -c 40000000 /dev/zero | tr '\\0' a); "
+        f"x=$(head -c {HOLD} /dev/zero | tr '\\0' a); "
         f"while [ ! -e {RELEASE} ]; do sleep 0.2; done; echo done > out.txt; :"
     )
     client = start_client(clients, short_tmp, shim_pyz, daemon, job_toml(hold), ResultSpec(result))
@@ -286,12 +291,12 @@ def test_the_client_sees_the_containers_memory_where_it_reads_wss(
         except DaemonError:  # no task yet
             return 0.0
 
-    client.wait_for(lambda: container_memory() >= 40e6, 90, "the container holding its memory")
+    client.wait_for(lambda: container_memory() >= HOLD, 90, "the container holding its memory")
     if client.version >= (8, 2):
         # <wss> from app_status; the client measures every 10 s and smooths.
         client.wait_for_task(
             result,
-            lambda t: working_set_mb(t) >= 40,
+            lambda t: working_set_mb(t) >= HOLD_MB,
             90,
             "the client seeing the container's memory",
         )
@@ -311,7 +316,7 @@ def test_the_client_sees_the_containers_memory_where_it_reads_wss(
             "two more of the client's memory measurements",
         )
         seen.append(working_set_mb(later))
-        assert max(seen) < 40, f"7.20 counted the container's memory: {seen} MB"
+        assert max(seen) < HOLD_MB, f"7.20 counted the container's memory: {seen} MB"
     slot = client.slot_dir(result)
     assert slot is not None
     (slot / "release").touch()
