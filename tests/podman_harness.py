@@ -300,7 +300,10 @@ class PodmanService:
             # Ours: it would keep the user namespace (and its processes' memory) alive.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pause, signal.SIGKILL)
-        Path(self.socket).unlink(missing_ok=True)
+        if self.proc is not None:
+            # Only a socket this service made: after a failed start it can be
+            # another session's.
+            Path(self.socket).unlink(missing_ok=True)
         if self._made_runtime_dir and self.user is not None:
             shutil.rmtree(self.user.runtime_dir, ignore_errors=True)
         shutil.rmtree(self.base, ignore_errors=True)
