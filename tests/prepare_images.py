@@ -23,7 +23,7 @@ def remove_volunteer_leftovers() -> None:
     with single_client_lock():
         fmt = f'{{{{index .Config.Labels "{HELLO_LABEL}"}}}}'
         if docker("image", "inspect", "--format", fmt, HELLO_IMAGE, check=False) == "1":
-            docker("rmi", HELLO_IMAGE, check=False)
+            docker("rmi", "-f", HELLO_IMAGE, check=False)
             print("removed", HELLO_IMAGE, "left by an earlier test run")
         decoys = docker("ps", "-aq", "--filter", f"label={DECOY_LABEL}", check=False).split()
         if decoys:
