@@ -274,7 +274,8 @@ def check_not_suspended(run: Burn) -> None:
     assert run.busy == [], (
         f"the client suspended computing: {run.busy}; meanwhile {run.host_load:.0%} of the "
         "host's CPUs ran at nice <= 0 (the client's limit is 25 %: above it, the load "
-        "of other processes on this host is reason enough)"
+        "of other processes on this host is reason enough); "
+        + (run.niced or "the container's processes were at the task's nice value")
     )
 
 
