@@ -38,9 +38,11 @@ source and checked by ``tests/e2e/test_boinc_harness.py``):
   nice 10 ("high priority") for a GPU task, an app version with ``avg_ncpus``
   below 1, or an ``is_wrapper`` one. Every 10 s (MEMORY_USAGE_PERIOD) the
   client adds up the CPU time of "non-BOINC" processes, skipping those at
-  nice 19 and the tasks' process trees (from the app's pid and its
-  ``other_pid``), and at more than ``suspend_cpu_usage`` percent (default 25;
-  DETERMINISTIC_PREFS sets 0) logs "Suspending computation - CPU is busy".
+  priority 39 (nice 19, whatever the policy), the tasks' process trees (from
+  the app's pid and its ``other_pid``) and any process whose command name
+  contains "boinc" (lib/procinfo_unix.cpp), and at more than
+  ``suspend_cpu_usage`` percent (default 25; DETERMINISTIC_PREFS sets 0) logs
+  "Suspending computation - CPU is busy".
 * Without ``--allow_multiple_clients`` both lock their data dir (a second
   client on the same dir exits). Nothing else about other clients changes in
   7.20; 8.2 also cleans up Docker (below), which acts on the whole engine, so

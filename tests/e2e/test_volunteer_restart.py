@@ -339,13 +339,17 @@ def nice_of(pid: int) -> int:
 
 
 def container_nices(cid: str) -> set[int]:
-    """Nice values of the container's processes now (the loop forks `date`);
-    empty once it has ended."""
+    """Nice values of the container's processes now (the loop forks `date`),
+    from /proc (ps prints "-" for a SCHED_IDLE process); empty once it ended."""
     try:
-        out = docker("top", cid, "-eo", "pid,ni").splitlines()[1:]
+        out = docker("top", cid, "-eo", "pid").split()[1:]
     except RuntimeError:  # not running (any more)
         return set()
-    return {int(line.split()[1]) for line in out if line.split()}
+    nices = set()
+    for pid in out:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # gone meanwhile
+            nices.add(nice_of(int(pid)))
+    return nices
 
 
 def reaches_nice(client: BoincClient, cid: str, nice: int) -> str:
