@@ -42,7 +42,11 @@ source and checked by ``tests/e2e/test_boinc_harness.py``):
   the app's pid and its ``other_pid``) and any process whose command name
   contains "boinc" (lib/procinfo_unix.cpp), and at more than
   ``suspend_cpu_usage`` percent (default 25; DETERMINISTIC_PREFS sets 0) logs
-  "Suspending computation - CPU is busy".
+  "Suspending computation - CPU is busy". The load is divided by the CPU
+  count, which cc_config's ``ncpus`` replaces (client/cpu_sched.cpp sets
+  ``p_ncpus``): with the one CPU per task this harness simulates by default, a
+  quarter of one core of load anywhere on the host is enough. Log flag
+  ``mem_usage_debug`` prints the figure ("[mem_usage] non-BOINC CPU usage").
 * Without ``--allow_multiple_clients`` both lock their data dir (a second
   client on the same dir exits). Nothing else about other clients changes in
   7.20; 8.2 also cleans up Docker (below), which acts on the whole engine, so

@@ -246,12 +246,27 @@ def test_client_restart_keeps_the_same_container_and_every_tick(
     assert client.output_path(result).read_text() == EXPECTED_COUNT
 
 
+# A volunteer's client at default preferences: suspend_cpu_usage 25 (which the
+# harness sets to 0), and the host's own CPU count. The harness otherwise makes
+# the client simulate one CPU per task, and a simulated count is also what the
+# client divides the non-BOINC load by (client/cpu_sched.cpp sets p_ncpus): on
+# one simulated CPU a quarter of one core of load anywhere on the host suspends
+# it. mem_usage_debug logs the load the client measured, for the failure
+# message.
+DEFAULT_PREFS_HOST: dict[str, Any] = {
+    "prefs": {"suspend_cpu_usage": 25},
+    "cc_options": {"ncpus": -1},
+    "log_flags": ("task", "task_debug", "mem_usage_debug"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Burn:
     task: Task
     niced: str  # "" when every container process reached the nice value
     busy: list[str]  # "CPU is busy" messages
-    host_load: float  # share of all CPUs busy at nice <= 0 meanwhile (not ours)
+    host_load: float  # share of all CPUs busy at nice <= 0 meanwhile
+    usage: list[str]  # the client's own "[mem_usage] non-BOINC CPU usage: X%" lines
 
 
 def burn(client: BoincClient, result: str, nice: int) -> Burn:
@@ -262,12 +277,17 @@ def burn(client: BoincClient, result: str, nice: int) -> Burn:
         assert shim.pid is not None
         assert nice_of(shim.pid) == nice, "the client started the shim at another priority"
         niced = reaches_nice(client, data["Id"], nice)
+
         # Until it ends, or the first suspension (which can last as long as
         # the load does).
-        task = client.wait_for_task(
-            result, lambda t: t.done or bool(cpu_busy_messages(client)), BURN_S + 90, "done"
-        )
-    return Burn(task, niced, cpu_busy_messages(client), load.share)
+        # Polled each second: this test's own processes are non-BOINC load too.
+        def ended() -> Task | None:
+            t = client.task(result)
+            return t if t is not None and (t.done or cpu_busy_messages(client)) else None
+
+        task = client.wait_for(ended, BURN_S + 90, "the task's end", interval=1)
+    usage = [b for b in bodies(client) if "non-BOINC CPU usage" in b]
+    return Burn(task, niced, cpu_busy_messages(client), load.share, usage)
 
 
 def check_not_suspended(run: Burn) -> None:
@@ -276,6 +296,7 @@ def check_not_suspended(run: Burn) -> None:
         "host's CPUs ran at nice <= 0 (the client's limit is 25 %: above it, the load "
         "of other processes on this host is reason enough); "
         + (run.niced or "the container's processes were at the task's nice value")
+        + f"; the client measured: {run.usage}"
     )
 
 
@@ -283,7 +304,7 @@ def test_cpu_bound_task_at_default_preferences_runs_unsuspended_with_exact_cpu_t
     make_client: Callable[..., BoincClient],
 ) -> None:
     result = unique("burn")
-    client = make_client(job_toml(BURN), result, prefs={"suspend_cpu_usage": 25})
+    client = make_client(job_toml(BURN), result, **DEFAULT_PREFS_HOST)
     # The client runs a CPU task at nice 19; every process of its container
     # must run at the shim's own nice value.
     run = burn(client, result, 19)
@@ -300,7 +321,7 @@ def test_above_idle_task_is_not_suspended_either(
     make_client: Callable[..., BoincClient],
 ) -> None:
     result = unique("half")
-    client = make_client(job_toml(BURN), result, avg_ncpus=0.5, prefs={"suspend_cpu_usage": 25})
+    client = make_client(job_toml(BURN), result, avg_ncpus=0.5, **DEFAULT_PREFS_HOST)
     # A task of less than one CPU is "high priority" to the client: nice 10.
     run = burn(client, result, 10)
     check_not_suspended(run)
