@@ -7,7 +7,13 @@ once. Everything the client would fetch is marked present, and every URL points
 at ``127.0.0.1:1``, where a connection is refused at once, so a client allowed to
 use the network fails fast instead of hanging on DNS or timeouts.
 
-Facts about client 7.20.5 that this module relies on (read from the client's
+The client binaries are a parameter (``ClientBinaries``: Debian's 7.20.5, or
+8.2.15 from ../shared/); the e2e tests run under both (tests/clients.py). A
+``BoincClient`` knows what it drives: ``binaries.version``, and whether it was
+started with ``--allow_multiple_clients`` (the default, as tests must not
+disturb each other) or as a volunteer's client is, without it.
+
+Facts about both releases that this module relies on (read from the client's
 source and checked by ``tests/e2e/test_boinc_harness.py``):
 
 * ``--unsigned_apps_ok`` makes the client suspend network activity for good
@@ -28,12 +34,53 @@ source and checked by ``tests/e2e/test_boinc_harness.py``):
   (nothing can upload). Output files with ``<copy_file/>`` are copied from the
   slot to the project dir when the app ends; an output file without an upload
   URL would be deleted, so every output file gets one.
+* Priority (client/app_start.cpp ``get_priority``): nice 19 for a CPU task;
+  nice 10 ("high priority") for a GPU task, an app version with ``avg_ncpus``
+  below 1, or an ``is_wrapper`` one. Every 10 s (MEMORY_USAGE_PERIOD) the
+  client adds up the CPU time of "non-BOINC" processes, skipping those at
+  priority 39 (nice 19, whatever the policy), the tasks' process trees (from
+  the app's pid and its ``other_pid``) and any process whose command name
+  contains "boinc" (lib/procinfo_unix.cpp), and at more than
+  ``suspend_cpu_usage`` percent (default 25; DETERMINISTIC_PREFS sets 0) logs
+  "Suspending computation - CPU is busy". The load is divided by the CPU
+  count, which cc_config's ``ncpus`` replaces (client/cpu_sched.cpp sets
+  ``p_ncpus``): with the one CPU per task this harness simulates by default, a
+  quarter of one core of load anywhere on the host is enough. Log flag
+  ``mem_usage_debug`` prints the figure ("[mem_usage] non-BOINC CPU usage").
+* Without ``--allow_multiple_clients`` both lock their data dir (a second
+  client on the same dir exits). Nothing else about other clients changes in
+  7.20; 8.2 also cleans up Docker (below), which acts on the whole engine, so
+  such clients run one at a time on a host (``single_client_lock``).
+
+Where 8.2.15 differs from 7.20.5:
+
+* At start it probes for an engine: ``podman --version`` and ``podman run --rm
+  hello-world``, then the same with ``docker``; the first whose output has a
+  line containing "Hello" is logged as "Docker: version V (Docker|podman)"
+  (else "... found but 'hello-world' test failed"). Offline that needs a local
+  ``hello-world`` image (tests/volunteer.py).
+* Without ``--allow_multiple_clients`` (cc_config or flag), once the probe
+  found an engine, ``docker_cleanup`` (client/cs_apps.cpp) runs ``ps --all``
+  and ``rm -f`` on every container whose name starts with ``boinc__``, except
+  ``boinc__<project dir, lower case>__<result, lower case>`` of a started task
+  whose app version's plan class contains "docker"; each removal logged as
+  "Removed unused Docker container: NAME". (On Podman it also ``image rm``s
+  ``localhost/boinc__*`` images.) 7.20 has no such cleanup.
+* init_data.xml gets ``<plan_class>`` (when not empty) and, in ``host_info``,
+  ``<docker_version>`` and ``<docker_type>`` when the probe found an engine;
+  7.20 writes none of them.
+* It reads the app's ``<wss>`` from app_status as the task's working set; 7.20
+  ignores it and measures the task's process tree only, which a container's
+  processes (children of the engine) are not part of.
+* Since 8.2.14 it no longer reads ``<bytes_sent>``/``<bytes_received>`` from
+  app_status: boinccmd then prints no "bytes sent" line for the task.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import math
 import os
 import re
@@ -42,10 +89,12 @@ import socket
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 from xml.sax.saxutils import escape
+
+from tests.names import unique
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,12 +107,40 @@ class ClientBinaries:
     boinc: Path
     boinccmd: Path
 
+    def __str__(self) -> str:
+        return self.version
+
     def available(self) -> bool:
         return self.boinc.exists() and self.boinccmd.exists()
+
+    def reported_version(self) -> str:
+        """What ``boinc --version`` prints first, e.g. ``7.20.5``."""
+        out = subprocess.run(
+            [str(self.boinc), "--version"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
+        return out[0] if out else ""
 
     @property
     def version_tuple(self) -> tuple[int, ...]:
         return tuple(int(x) for x in self.version.split("."))
+
+    # What differs between releases (see the module docstring for the source).
+    @property
+    def reads_bytes_transferred(self) -> bool:
+        """Reads the app's ``<bytes_sent>``/``<bytes_received>`` (before 8.2.14)."""
+        return self.version_tuple < (8, 2, 14)
+
+    @property
+    def writes_docker_info(self) -> bool:
+        """Writes ``<plan_class>``, ``<docker_version>``, ``<docker_type>`` into
+        init_data.xml (8.2 and later)."""
+        return self.version_tuple >= (8, 2)
+
+    @property
+    def cleans_up_docker(self) -> bool:
+        """Removes ``boinc__*`` containers at start unless allow_multiple_clients
+        (docker_cleanup, 8.2.0 and later)."""
+        return self.version_tuple >= (8, 2)
 
 
 # Debian's client (7.20.5 on Debian 12) and the newest release, built unmodified
@@ -380,6 +457,52 @@ class ClientError(RuntimeError):
     pass
 
 
+# Clients started without --allow_multiple_clients hold this lock (flock) from
+# their first start to close(): a volunteer's host runs one such client, and
+# an 8.2 one cleans up every boinc__* container of the engine at start.
+SINGLE_CLIENT_LOCK = Path(os.environ.get("BOINCD_TEST_LOCK_DIR", "/tmp")) / (
+    "boincd-tests-single-client.lock"
+)
+
+
+_lock_fd: int | None = None
+_lock_holders = 0
+
+
+@contextlib.contextmanager
+def single_client_lock(timeout: float = 120) -> Iterator[None]:
+    """Hold SINGLE_CLIENT_LOCK (shared with other test sessions on this host).
+
+    Reentrant within this process: a test that prepares the host for a
+    single-instance client (a hello-world image, a decoy container) takes it
+    first, and its client's start() then takes it again without waiting.
+    """
+    global _lock_fd, _lock_holders
+    if _lock_holders == 0:
+        fd = os.open(SINGLE_CLIENT_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise ClientError(
+                        f"another single-instance test client holds {SINGLE_CLIENT_LOCK}"
+                    ) from None
+                time.sleep(0.5)
+        _lock_fd = fd
+    _lock_holders += 1
+    try:
+        yield
+    finally:
+        _lock_holders -= 1
+        if _lock_holders == 0 and _lock_fd is not None:
+            os.close(_lock_fd)  # releases the flock
+            _lock_fd = None
+
+
 class BoincClient:
     """A BOINC client with its own data dir, GUI RPC port and fake project.
 
@@ -406,13 +529,24 @@ class BoincClient:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         binaries: ClientBinaries = DEBIAN_CLIENT,
+        allow_multiple_clients: bool = True,
+        plan_class: str = "",
     ) -> None:
         self.binaries = binaries
         self.dir = Path(base_dir).resolve()
         self.app_main = Path(app_main)
         self.results = list(results)
         self.project_name = project_name
-        self.master_url = master_url or f"http://127.0.0.1:1/{project_name}/"
+        # Unique per client unless given: the project dir name is part of every
+        # container name, so nothing an earlier run left can clash with it.
+        self.master_url = master_url or f"http://127.0.0.1:1/{unique(project_name)}/"
+        # False: started as a volunteer's client is, one per host at a time
+        # (SINGLE_CLIENT_LOCK); 8.2 clients then clean up Docker at start.
+        self.allow_multiple_clients = allow_multiple_clients
+        # The app version's (and its results') plan class; 8.2's docker_cleanup
+        # spares only containers of started tasks whose plan class has "docker".
+        self.plan_class = plan_class
+        self._single_lock: contextlib.ExitStack | None = None
         self.app_name = app_name
         self.app_files = list(app_files)
         self.app_cmdline = app_cmdline
@@ -436,6 +570,10 @@ class BoincClient:
         # Process groups of every client started, for close().
         self._pgids: list[int] = []
         self.write_data_dir()
+
+    @property
+    def version(self) -> tuple[int, ...]:
+        return self.binaries.version_tuple
 
     # -------------------------------------------------------------- layout
 
@@ -550,7 +688,12 @@ class BoincClient:
             f"    <app_name>{escape(self.app_name)}</app_name>\n"
             f"    <version_num>{VERSION_NUM}</version_num>\n"
             f"    <platform>{platform}</platform>\n"
-            f"    <avg_ncpus>{self.avg_ncpus}</avg_ncpus>\n"
+            + (
+                f"    <plan_class>{escape(self.plan_class)}</plan_class>\n"
+                if self.plan_class
+                else ""
+            )
+            + f"    <avg_ncpus>{self.avg_ncpus}</avg_ncpus>\n"
             f"    <max_ncpus>{self.avg_ncpus}</max_ncpus>\n"
             "    <flops>1e9</flops>\n"
             f"    <api_version>{API_VERSION}</api_version>\n"
@@ -598,7 +741,12 @@ class BoincClient:
                 f"    <wu_name>{escape(r.wu_name)}</wu_name>\n"
                 f"    <platform>{platform}</platform>\n"
                 f"    <version_num>{VERSION_NUM}</version_num>\n"
-                f"    <state>{RESULT_FILES_DOWNLOADED}</state>\n"
+                + (
+                    f"    <plan_class>{escape(self.plan_class)}</plan_class>\n"
+                    if self.plan_class
+                    else ""
+                )
+                + f"    <state>{RESULT_FILES_DOWNLOADED}</state>\n"
                 f"    <received_time>{now:.0f}</received_time>\n"
                 f"    <report_deadline>{now + 30 * 86400:.0f}</report_deadline>\n"
                 + "".join(out_refs)
@@ -627,10 +775,11 @@ class BoincClient:
             "--skip_cpu_benchmarks",
             "--no_info_fetch",
             "--no_gpus",
-            "--allow_multiple_clients",
             "--gui_rpc_port",
             str(self.port),
         ]
+        if self.allow_multiple_clients:
+            cmd.append("--allow_multiple_clients")
         if self.unsigned_apps_ok:
             cmd.append("--unsigned_apps_ok")
         return cmd + self.extra_args
@@ -648,6 +797,10 @@ class BoincClient:
         """
         if self.running:
             raise ClientError("client already running")
+        if not self.allow_multiple_clients and self._single_lock is None:
+            stack = contextlib.ExitStack()
+            stack.enter_context(single_client_lock(max(timeout, 120)))
+            self._single_lock = stack
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.command(),
@@ -720,6 +873,9 @@ class BoincClient:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pgid, signal.SIGKILL)
             self.kill_slot_processes()
+            if self._single_lock is not None:
+                self._single_lock.close()
+                self._single_lock = None
 
     def __enter__(self) -> BoincClient:
         return self

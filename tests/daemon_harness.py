@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,19 +34,99 @@ def docker(*args: str, check: bool = True) -> str:
     return done.stdout.strip()
 
 
-def ensure_test_image(name: str = TEST_IMAGE) -> str:
-    """A busybox image made from local files: no registry is reachable here."""
-    if subprocess.run(["docker", "image", "inspect", name], capture_output=True).returncode == 0:
-        return name
-    busybox = Path("/bin/busybox")
-    script = (
-        'set -e; d=$(mktemp -d); mkdir -p "$d/bin" "$d/tmp"; cp /bin/busybox "$d/bin/"; '
-        'for c in $("$d/bin/busybox" --list); do ln -sf busybox "$d/bin/$c"; done; '
-        f'tar -C "$d" -c . | docker import -c \'CMD ["/bin/sh"]\' - {name}; rm -rf "$d"'
-    )
+BUSYBOX = Path("/bin/busybox")  # Debian busybox-static: no shared libraries needed
+_MTIME = 1_700_000_000  # fixed, so the same busybox always gives the same layer
+
+
+def busybox_rootfs(busybox: Path = BUSYBOX) -> bytes:
+    """A root filesystem tar: busybox and a symlink to it for each of its applets.
+
+    `busybox --list` names `busybox` itself; linking that name too would make the
+    binary a symlink to itself, and no command would run in the image.
+    """
     if not busybox.exists():
-        raise RuntimeError("/bin/busybox is missing: apt-get install busybox-static")
-    subprocess.run(["bash", "-c", script], check=True, capture_output=True, timeout=120)
+        raise RuntimeError(f"{busybox} is missing: apt-get install busybox-static")
+    applets = subprocess.run(
+        [str(busybox), "--list"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("bin", "tmp"):
+            info = tarfile.TarInfo(name)
+            info.type, info.mtime = tarfile.DIRTYPE, _MTIME
+            info.mode = 0o1777 if name == "tmp" else 0o755
+            tar.addfile(info)
+        data = busybox.read_bytes()
+        info = tarfile.TarInfo("bin/busybox")
+        info.size, info.mode, info.mtime = len(data), 0o755, _MTIME
+        tar.addfile(info, io.BytesIO(data))
+        for applet in sorted(set(applets) - {"busybox"}):
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type, info.linkname, info.mtime = tarfile.SYMTYPE, "busybox", _MTIME
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def build_busybox_image(
+    name: str,
+    cmd: list[str],
+    check: list[str],
+    *,
+    expect: str = "",
+    labels: dict[str, str] | None = None,
+) -> str:
+    """Build `name` from local files (no registry is reachable here) and return its id.
+
+    `cmd` is the image's default command. The image is built under a temporary
+    tag and must run `check` (the default command when empty) with exit 0,
+    network none, and `expect` in its output, before `name` is moved onto it: a
+    broken build never replaces a working image, and `name` never disappears
+    while other test sessions use it.
+    """
+    tmp = f"boincd-test/building:{uuid.uuid4().hex[:12]}"
+    changes = [f"CMD {json.dumps(cmd)}", *(f"LABEL {k}={v}" for k, v in (labels or {}).items())]
+    done = subprocess.run(
+        ["docker", "import", *(f"--change={c}" for c in changes), "-", tmp],
+        input=busybox_rootfs(),
+        capture_output=True,
+        timeout=120,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"docker import failed: {done.stderr.decode(errors='replace')}")
+    try:
+        run = subprocess.run(
+            ["docker", "run", "--rm", "--network", "none", tmp, *check],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if run.returncode != 0 or expect not in run.stdout:
+            raise RuntimeError(
+                f"the freshly built {name} does not run {check or cmd}: "
+                f"exit {run.returncode}: {run.stdout.strip()} {run.stderr.strip()}"
+            )
+        docker("tag", tmp, name)
+        return docker("image", "inspect", "--format", "{{.Id}}", name)
+    finally:
+        docker("rmi", tmp, check=False)  # the tag only: `name` keeps the image
+
+
+def rebuild_test_image(name: str = TEST_IMAGE) -> str:
+    """Build the busybox test image anew, whatever is there (a fresh machine each run).
+
+    The image it replaces is removed unless a container still uses it.
+    """
+    old = docker("image", "inspect", "--format", "{{.Id}}", name, check=False)
+    new = build_busybox_image(name, ["/bin/sh"], ["sh", "-c", "true"])
+    if old and old != new:
+        docker("rmi", old, check=False)
+    return new
+
+
+def ensure_test_image(name: str = TEST_IMAGE) -> str:
+    """The busybox test image, built if absent (`tests/prepare_images.py` rebuilds it)."""
+    if subprocess.run(["docker", "image", "inspect", name], capture_output=True).returncode != 0:
+        rebuild_test_image(name)
     return name
 
 

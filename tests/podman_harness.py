@@ -96,15 +96,26 @@ class TestEngine:
             == 0
         )
 
+    def image_id(self, name: str) -> str | None:
+        """The image's id without its `sha256:` prefix, None when absent."""
+        out = self.cli("image", "inspect", "--format", "{{.Id}}", name, check=False)
+        return out.removeprefix("sha256:") or None
+
     def ensure_test_image(self, name: str = TEST_IMAGE) -> str:
         """The busybox test image in this engine's store: built into Docker from local
-        files, then copied into Podman (`podman load` reads `docker save` archives)."""
+        files, then copied into Podman (`podman load` reads `docker save` archives).
+        A copy whose id differs from Docker's (an older build) is replaced."""
         ensure_test_image(name)
-        if self.kind == "docker" or self.has_image(name):
+        if self.kind == "docker" or self.image_id(name) == DOCKER.image_id(name):
             return name
+        self.cli("rmi", "-f", name, check=False)
         archive = subprocess.run(["docker", "save", name], capture_output=True, check=True).stdout
         self.cli("load", stdin=archive, timeout=300)
         return name
+
+    def remove_image(self, name: str) -> None:
+        """Untag `name` here (what a fresh machine lacks); layers other images use stay."""
+        self.cli("rmi", "-f", name, check=False)
 
 
 DOCKER = TestEngine("docker", "unix:///var/run/docker.sock", ("docker",))
@@ -289,7 +300,10 @@ class PodmanService:
             # Ours: it would keep the user namespace (and its processes' memory) alive.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pause, signal.SIGKILL)
-        Path(self.socket).unlink(missing_ok=True)
+        if self.proc is not None:
+            # Only a socket this service made: after a failed start it can be
+            # another session's.
+            Path(self.socket).unlink(missing_ok=True)
         if self._made_runtime_dir and self.user is not None:
             shutil.rmtree(self.user.runtime_dir, ignore_errors=True)
         shutil.rmtree(self.base, ignore_errors=True)

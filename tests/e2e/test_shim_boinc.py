@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,21 +18,19 @@ from tests.boinc_harness import (
     RESULT_COMPUTE_ERROR,
     RESULT_FILES_UPLOADING,
     BoincClient,
+    ClientBinaries,
     FileSpec,
     ResultSpec,
-    boinc_available,
 )
+from tests.clients import ENGINE_CLIENT_MATRIX
 from tests.daemon_harness import TEST_IMAGE, DaemonProcess
-from tests.podman_harness import ENGINES, TestEngine
+from tests.names import unique
+from tests.podman_harness import TestEngine
 
 pytestmark = [
     pytest.mark.boinc,
     pytest.mark.docker,
-    pytest.mark.parametrize("engine", ENGINES, indirect=True),
-    pytest.mark.skipif(
-        not boinc_available() and os.environ.get("BOINCD_REQUIRE_BOINC") != "1",
-        reason="needs the real BOINC client (apt-get install boinc-client)",
-    ),
+    pytest.mark.parametrize(("engine", "boinc_client"), ENGINE_CLIENT_MATRIX, indirect=True),
 ]
 
 
@@ -49,7 +48,7 @@ def job_toml(command: str, **extra: str) -> bytes:
 
 @pytest.fixture
 def make_client(
-    short_tmp: Path, daemon: DaemonProcess, shim_pyz: Path
+    short_tmp: Path, daemon: DaemonProcess, shim_pyz: Path, boinc_client: ClientBinaries
 ) -> Iterator[Callable[..., BoincClient]]:
     clients: list[BoincClient] = []
 
@@ -60,6 +59,7 @@ def make_client(
             results=results,
             app_files=[FileSpec("job.toml", job)],
             env={**os.environ, "BOINCD_SOCKET": daemon.socket},
+            binaries=boinc_client,
             **kwargs,  # type: ignore[arg-type]
         )
         clients.append(client)
@@ -78,8 +78,12 @@ def containers_of(engine: TestEngine, result: str) -> list[str]:
 
 
 def wait_container(
-    client: BoincClient, engine: TestEngine, result: str, what: str, check: Callable[[dict], bool]
-) -> str:  # type: ignore[type-arg]
+    client: BoincClient,
+    engine: TestEngine,
+    result: str,
+    what: str,
+    check: Callable[[dict[str, Any]], bool],
+) -> str:
     def probe() -> str | None:
         ids = containers_of(engine, result)
         return ids[0] if len(ids) == 1 and check(engine.inspect(ids[0])["State"]) else None
@@ -91,42 +95,44 @@ def wait_container(
 def test_task_computes_reports_cpu_and_fraction_and_succeeds(
     make_client: Callable[..., BoincClient], engine: TestEngine
 ) -> None:
+    result = unique("burn")
     # Burn CPU for a few seconds with fraction done at 0.25, then write the output.
     command = (
         "echo 0.25 > fraction_done; end=$(($(date +%s)+6)); "
         "while [ $(date +%s) -lt $end ]; do :; done; "
         "tr a-z A-Z < in.txt > out.txt; echo 1 > fraction_done"
     )
-    spec = ResultSpec("burn_1", inputs=[FileSpec("in.txt", b"science\n")])
+    spec = ResultSpec(result, inputs=[FileSpec("in.txt", b"science\n")])
     # BOINC's default: suspend when non-BOINC CPU load is above 25 %. The
     # container's load must count as the task's own (other_pid).
     client = make_client(job_toml(command), [spec], prefs={"suspend_cpu_usage": 25})
     running = client.wait_for_task(
-        "burn_1",
+        result,
         lambda t: (t.fraction_done or 0) >= 0.25 and (t.current_cpu_time or 0) > 1.0,
         60,
         "fraction done and CPU time reported",
     )
     assert running.fraction_done == pytest.approx(0.25)
-    task = client.wait_done("burn_1", timeout=90)
+    task = client.wait_done(result, timeout=90)
     assert (task.state, task.exit_status) == ("uploading", 0)
-    assert client.output_path("burn_1").read_text() == "SCIENCE\n"
-    record = client.wait_final_record("burn_1")
+    assert client.output_path(result).read_text() == "SCIENCE\n"
+    record = client.wait_final_record(result)
     assert record.state == RESULT_FILES_UPLOADING
     assert (task.final_cpu_time or 0) > 2.0
     busy = [m for m in client.messages() if "CPU is busy" in m.body]
     assert busy == [], "the container's own load made the client suspend it"
-    client.wait_for(lambda: containers_of(engine, "burn_1") == [], 30, "container removed")
+    client.wait_for(lambda: containers_of(engine, result) == [], 30, "container removed")
 
 
 def test_nonzero_exit_fails_the_task_with_that_status(
     make_client: Callable[..., BoincClient], engine: TestEngine
 ) -> None:
-    client = make_client(job_toml("echo 'the app says why' >&2; exit 7"), [ResultSpec("fail_1")])
-    task = client.wait_done("fail_1", timeout=90)
+    result = unique("fail")
+    client = make_client(job_toml("echo 'the app says why' >&2; exit 7"), [ResultSpec(result)])
+    task = client.wait_done(result, timeout=90)
     assert task.state == "compute error"
     assert task.exit_status == 7
-    record = client.wait_final_record("fail_1")
+    record = client.wait_final_record(result)
     assert record.state == RESULT_COMPUTE_ERROR
     assert "the app says why" in record.stderr_out
     assert "container exited with status 7" in record.stderr_out
@@ -135,13 +141,14 @@ def test_nonzero_exit_fails_the_task_with_that_status(
 def test_bad_job_file_fails_clearly(
     make_client: Callable[..., BoincClient], engine: TestEngine
 ) -> None:
-    client = make_client(b"image = 42\nbogus = true\n", [ResultSpec("badjob_1")])
-    task = client.wait_done("badjob_1", timeout=60)
+    result = unique("badjob")
+    client = make_client(b"image = 42\nbogus = true\n", [ResultSpec(result)])
+    task = client.wait_done(result, timeout=60)
     assert task.state == "compute error"
-    record = client.wait_final_record("badjob_1")
+    record = client.wait_final_record(result)
     assert "job.toml" in record.stderr_out
     assert "Traceback" not in record.stderr_out
-    assert containers_of(engine, "badjob_1") == []
+    assert containers_of(engine, result) == []
 
 
 WAIT_FOR_RELEASE = "while [ ! -e /app/release ]; do sleep 0.2; done; echo released > out.txt"
@@ -150,13 +157,14 @@ WAIT_FOR_RELEASE = "while [ ! -e /app/release ]; do sleep 0.2; done; echo releas
 def test_suspend_resume_quit_and_reattach(
     make_client: Callable[..., BoincClient], engine: TestEngine
 ) -> None:
-    client = make_client(job_toml(WAIT_FOR_RELEASE), [ResultSpec("wait_1")])
-    cid = wait_container(client, engine, "wait_1", "container running", lambda s: s["Running"])
+    result = unique("wait")
+    client = make_client(job_toml(WAIT_FOR_RELEASE), [ResultSpec(result)])
+    cid = wait_container(client, engine, result, "container running", lambda s: s["Running"])
 
-    client.suspend("wait_1")
-    wait_container(client, engine, "wait_1", "container paused", lambda s: s["Paused"])
-    client.resume("wait_1")
-    wait_container(client, engine, "wait_1", "container unpaused", lambda s: not s["Paused"])
+    client.suspend(result)
+    wait_container(client, engine, result, "container paused", lambda s: s["Paused"])
+    client.resume(result)
+    wait_container(client, engine, result, "container unpaused", lambda s: not s["Paused"])
 
     # Client stops (<quit/> to the shim): the container stays, paused, not killed.
     client.stop()
@@ -167,41 +175,43 @@ def test_suspend_resume_quit_and_reattach(
     # Client restarts: the new shim attaches to the same container and resumes it.
     client.start()
     again = wait_container(
-        client, engine, "wait_1", "same container resumed", lambda s: not s["Paused"]
+        client, engine, result, "same container resumed", lambda s: not s["Paused"]
     )
     assert again == cid
-    slot = client.slot_dir("wait_1")
+    slot = client.slot_dir(result)
     assert slot is not None
     (slot / "release").touch()
-    task = client.wait_done("wait_1", timeout=60)
+    task = client.wait_done(result, timeout=60)
     assert (task.state, task.exit_status) == ("uploading", 0)
-    assert client.output_path("wait_1").read_text() == "released\n"
+    assert client.output_path(result).read_text() == "released\n"
 
 
 def test_abort_removes_the_container(
     make_client: Callable[..., BoincClient], engine: TestEngine
 ) -> None:
-    client = make_client(job_toml(WAIT_FOR_RELEASE), [ResultSpec("abort_1")])
-    wait_container(client, engine, "abort_1", "container running", lambda s: s["Running"])
-    client.abort("abort_1")
-    task = client.wait_done("abort_1")
+    result = unique("abort")
+    client = make_client(job_toml(WAIT_FOR_RELEASE), [ResultSpec(result)])
+    wait_container(client, engine, result, "container running", lambda s: s["Running"])
+    client.abort(result)
+    task = client.wait_done(result)
     assert task.state == "aborted"
     assert task.exit_status == EXIT_ABORTED_VIA_GUI
-    client.wait_for(lambda: containers_of(engine, "abort_1") == [], 30, "container removed")
+    client.wait_for(lambda: containers_of(engine, result) == [], 30, "container removed")
 
 
 def test_client_killed_then_restarted_attaches_to_the_running_container(
     make_client: Callable[..., BoincClient], engine: TestEngine
 ) -> None:
-    client = make_client(job_toml(WAIT_FOR_RELEASE), [ResultSpec("crash_1")])
-    cid = wait_container(client, engine, "crash_1", "container running", lambda s: s["Running"])
+    result = unique("crash")
+    client = make_client(job_toml(WAIT_FOR_RELEASE), [ResultSpec(result)])
+    cid = wait_container(client, engine, result, "container running", lambda s: s["Running"])
     client.kill()
     client.start()
-    slot = client.slot_dir("crash_1")
-    client.wait_for(lambda: client.slot_dir("crash_1") is not None, 30, "task restarted")
-    assert containers_of(engine, "crash_1") == [cid]
-    slot = client.slot_dir("crash_1")
+    slot = client.slot_dir(result)
+    client.wait_for(lambda: client.slot_dir(result) is not None, 30, "task restarted")
+    assert containers_of(engine, result) == [cid]
+    slot = client.slot_dir(result)
     assert slot is not None
     (slot / "release").touch()
-    task = client.wait_done("crash_1", timeout=60)
+    task = client.wait_done(result, timeout=60)
     assert (task.state, task.exit_status) == ("uploading", 0)

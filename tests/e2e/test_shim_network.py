@@ -14,17 +14,14 @@ from pathlib import Path
 import pytest
 
 from boincd_containers.shim.pyz import build_pyz
-from tests.boinc_harness import BoincClient, FileSpec, ResultSpec, boinc_available
+from tests.boinc_harness import BoincClient, ClientBinaries, FileSpec, ResultSpec
 from tests.daemon_harness import TEST_IMAGE, DaemonProcess, docker
+from tests.names import unique
 from tests.registry import LocalRegistry, local_registry, push_image
 
 pytestmark = [
     pytest.mark.boinc,
     pytest.mark.docker,
-    pytest.mark.skipif(
-        not boinc_available() and os.environ.get("BOINCD_REQUIRE_BOINC") != "1",
-        reason="needs the real BOINC client (apt-get install boinc-client)",
-    ),
 ]
 
 
@@ -36,18 +33,20 @@ def registry(short_tmp: Path) -> Iterator[LocalRegistry]:
 
 
 def test_pull_waits_while_the_client_suspends_network(
-    short_tmp: Path, daemon: DaemonProcess, registry: LocalRegistry
+    short_tmp: Path, daemon: DaemonProcess, registry: LocalRegistry, boinc_client: ClientBinaries
 ) -> None:
+    result = unique("netwait")
     repo = f"boincd-e2e/netwait-{uuid.uuid4().hex[:8]}"
     remote = push_image(registry, TEST_IMAGE, repo, "1")
     job = (f'image = "{remote}"\ncommand = ["sh", "-c", "echo pulled > out.txt"]\n').encode()
     client = BoincClient(
         short_tmp / "boinc",
         build_pyz(short_tmp / "shim.pyz", sys.executable),
-        results=[ResultSpec("netwait_1")],
+        results=[ResultSpec(result)],
         app_files=[FileSpec("job.toml", job)],
         env={**os.environ, "BOINCD_SOCKET": daemon.socket},
         unsigned_apps_ok=False,
+        binaries=boinc_client,
     )
     # Network off from the first moment, as a volunteer on a metered link has it
     # (client_state.xml's user_network_request; 3 = RUN_MODE_NEVER).
@@ -60,22 +59,22 @@ def test_pull_waits_while_the_client_suspends_network(
     try:
         client.start()
         assert client.network_suspended()
-        slot = client.wait_for(lambda: client.slot_dir("netwait_1"), 60, "task started")
+        slot = client.wait_for(lambda: client.slot_dir(result), 60, "task started")
 
         def stderr() -> str:
             path = slot / "stderr.txt"
             return path.read_text() if path.exists() else ""
 
         client.wait_for(lambda: "network" in stderr() and "waits" in stderr(), 60, "wait message")
-        status = daemon.request("GET", "/v1/tasks/netwait_1")
+        status = daemon.request("GET", f"/v1/tasks/{result}")
         assert status["state"] == "waiting"
         assert status["error"]["code"] == "network_suspended"
         assert registry.pulls(repo) == 0
 
         client.set_network_mode("always")
-        task = client.wait_done("netwait_1", timeout=90)
+        task = client.wait_done(result, timeout=90)
         assert (task.state, task.exit_status) == ("uploading", 0)
-        assert client.output_path("netwait_1").read_text() == "pulled\n"
+        assert client.output_path(result).read_text() == "pulled\n"
         assert registry.pulls(repo) == 1
     finally:
         client.close()

@@ -13,16 +13,13 @@ import pytest
 
 from boincd_containers import labels as L
 from boincd_containers.shim.pyz import build_pyz
-from tests.boinc_harness import BoincClient, FileSpec, ResultSpec, boinc_available
+from tests.boinc_harness import BoincClient, ClientBinaries, FileSpec, ResultSpec
 from tests.daemon_harness import TEST_IMAGE, DaemonProcess, container_state, docker
+from tests.names import unique
 
 pytestmark = [
     pytest.mark.boinc,
     pytest.mark.docker,
-    pytest.mark.skipif(
-        not boinc_available() and os.environ.get("BOINCD_REQUIRE_BOINC") != "1",
-        reason="needs the real BOINC client (apt-get install boinc-client)",
-    ),
 ]
 
 JOB = (
@@ -34,17 +31,24 @@ JOB = (
 
 @pytest.fixture
 def client_factory(
-    short_tmp: Path, daemon: DaemonProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[BoincClient]]:
+    short_tmp: Path, daemon: DaemonProcess, boinc_client: ClientBinaries
+) -> Iterator[tuple[list[BoincClient], ClientBinaries]]:
     clients: list[BoincClient] = []
-    yield clients
-    for client in clients:
-        client.close()
+    try:
+        yield clients, boinc_client
+    finally:
+        for client in clients:
+            client.close()
 
 
 def start_client(
-    base: Path, daemon: DaemonProcess, result: str, clients: list[BoincClient], **env: str
+    base: Path,
+    daemon: DaemonProcess,
+    result: str,
+    factory: tuple[list[BoincClient], ClientBinaries],
+    **env: str,
 ) -> BoincClient:
+    clients, binaries = factory
     pyz = build_pyz(base / "shim.pyz", sys.executable)
     client = BoincClient(
         base / "boinc",
@@ -52,6 +56,7 @@ def start_client(
         results=[ResultSpec(result)],
         app_files=[FileSpec("job.toml", JOB)],
         env={**os.environ, "BOINCD_SOCKET": daemon.socket, **env},
+        binaries=binaries,
     )
     clients.append(client)
     client.start()
@@ -68,14 +73,15 @@ def running_container(client: BoincClient, result: str) -> str:
 
 
 def test_daemon_killed_mid_task_then_back_the_task_completes(
-    short_tmp: Path, daemon: DaemonProcess, client_factory: list[BoincClient]
+    short_tmp: Path, daemon: DaemonProcess, client_factory: tuple[list[BoincClient], ClientBinaries]
 ) -> None:
-    client = start_client(short_tmp, daemon, "resil_1", client_factory)
-    cid = running_container(client, "resil_1")
+    result = unique("resil")
+    client = start_client(short_tmp, daemon, result, client_factory)
+    cid = running_container(client, result)
     daemon.stop(signal.SIGKILL)
     # The container does not depend on the daemon.
     assert container_state(cid)["State"]["Running"] is True
-    slot = client.slot_dir("resil_1")
+    slot = client.slot_dir(result)
     assert slot is not None
     client.wait_for(
         lambda: "waiting for the daemon" in (slot / "stderr.txt").read_text(),
@@ -84,24 +90,23 @@ def test_daemon_killed_mid_task_then_back_the_task_completes(
     )
     (slot / "release").touch()
     daemon.start()
-    task = client.wait_done("resil_1", timeout=90)
+    task = client.wait_done(result, timeout=90)
     assert (task.state, task.exit_status) == ("uploading", 0)
-    assert client.output_path("resil_1").read_text() == "released\n"
-    record = client.wait_final_record("resil_1")
+    assert client.output_path(result).read_text() == "released\n"
+    record = client.wait_final_record(result)
     assert "waiting for the daemon" in record.stderr_out
     assert "the daemon is back" in record.stderr_out
 
 
 def test_daemon_gone_too_long_means_a_temporary_exit(
-    short_tmp: Path, daemon: DaemonProcess, client_factory: list[BoincClient]
+    short_tmp: Path, daemon: DaemonProcess, client_factory: tuple[list[BoincClient], ClientBinaries]
 ) -> None:
-    client = start_client(
-        short_tmp, daemon, "resil_2", client_factory, BOINCD_SHIM_UNREACHABLE_S="3"
-    )
-    cid = running_container(client, "resil_2")
+    result = unique("resil")
+    client = start_client(short_tmp, daemon, result, client_factory, BOINCD_SHIM_UNREACHABLE_S="3")
+    cid = running_container(client, result)
     daemon.stop(signal.SIGKILL)
     client.wait_for(
-        lambda: any("postponed" in m.body and "resil_2" in m.body for m in client.messages()),
+        lambda: any("postponed" in m.body and result in m.body for m in client.messages()),
         60,
         "the client postpones the task after the shim's temporary exit",
     )

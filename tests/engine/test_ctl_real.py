@@ -20,11 +20,12 @@ import pytest
 
 from boincd_containers.ctl import EXIT_NO_PERMISSION, EXIT_NOT_RUNNING
 from tests.daemon_harness import TEST_IMAGE, DaemonProcess, docker
+from tests.names import RUN_ID
 from tests.unit.test_metrics import parse_exposition, value_of
 
 pytestmark = pytest.mark.docker
 
-PROJECT = "test.example.org_ctl"
+PROJECT = f"test.example.org_ctl_{RUN_ID}"
 REPO = Path(__file__).resolve().parents[2]
 
 

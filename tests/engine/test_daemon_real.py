@@ -17,7 +17,10 @@ import pytest
 from boincd_containers import labels as L
 from boincd_containers.shim.client import DaemonError
 from tests.daemon_harness import TEST_IMAGE, DaemonProcess
+from tests.names import RUN_ID
 from tests.podman_harness import ENGINES, TestEngine, daemon_env
+
+PROJECT = f"test.example.org_proj_{RUN_ID}"
 
 pytestmark = [pytest.mark.docker, pytest.mark.parametrize("engine", ENGINES, indirect=True)]
 
@@ -31,7 +34,7 @@ def make_slot(base: Path, name: str = "slot") -> Path:
 def task_body(slot: Path, result: str, **extra: Any) -> dict[str, Any]:
     return {
         "result": result,
-        "project": "test.example.org_proj",
+        "project": PROJECT,
         "slot_dir": str(slot),
         "image": TEST_IMAGE,
         "command": ["sh", "-c", "sleep 300"],
@@ -57,7 +60,7 @@ def test_container_gets_limits_labels_mounts_and_user(
     assert task["state"] == "created", task
     data = engine.inspect(task["container_id"])
     host = data["HostConfig"]
-    assert data["Name"] == "/boincd__test.example.org_proj__limits_0"
+    assert data["Name"] == f"/boincd__{PROJECT}__limits_0"
     assert host["NanoCpus"] == 1_500_000_000
     assert host["Memory"] == 64 * 2**20
     assert host["PidsLimit"] == 4096
@@ -73,7 +76,7 @@ def test_container_gets_limits_labels_mounts_and_user(
     labels = data["Config"]["Labels"]
     assert labels[L.OWNER] == daemon.instance_id
     assert labels[L.RESULT] == "limits_0"
-    assert labels[L.PROJECT] == "test.example.org_proj"
+    assert labels[L.PROJECT] == PROJECT
     assert labels[L.SLOT] == str(slot.resolve())
     mounts = {m["Destination"]: m for m in data["Mounts"]}
     # The daemon's own mount point of the checked slot (mounts.py), never the
@@ -144,7 +147,8 @@ def test_create_or_attach_twice_gives_one_container(
     second = daemon.request("POST", "/v1/tasks", task_body(slot, "twice_0"))
     assert second["container_id"] == first["container_id"]
     label = f"label={L.RESULT}=twice_0"
-    assert len(engine.cli("ps", "-aq", "--filter", label).split()) == 1
+    mine = f"label={L.PROJECT}={PROJECT}"
+    assert len(engine.cli("ps", "-aq", "--filter", label, "--filter", mine).split()) == 1
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
@@ -170,7 +174,7 @@ def test_restarted_daemon_rebuilds_state_and_controls_the_container(
 def test_a_foreign_container_is_never_touched(
     daemon: DaemonProcess, engine: TestEngine, short_tmp: Path
 ) -> None:
-    name = "boincd__test.example.org_proj__foreign_0"
+    name = f"boincd__{PROJECT}__foreign_0"
     try:
         foreign = engine.cli("run", "-d", "--name", name, TEST_IMAGE, "sleep", "300")
         slot = make_slot(short_tmp)

@@ -18,10 +18,11 @@ import pytest
 from boincd_containers import labels as L
 from boincd_containers.shim.client import DaemonError
 from tests.daemon_harness import TEST_IMAGE, DaemonProcess, docker
+from tests.names import RUN_ID
 
 pytestmark = pytest.mark.docker
 
-PROJECT = "test.example.org_gc"
+PROJECT = f"test.example.org_gc_{RUN_ID}"
 
 
 # -- helpers (the fault tests use them too) ---------------------------------------------

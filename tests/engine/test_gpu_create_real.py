@@ -21,10 +21,11 @@ from typing import Any
 import pytest
 
 from tests.daemon_harness import TEST_IMAGE, DaemonProcess, container_state, docker
+from tests.names import RUN_ID
 
 pytestmark = pytest.mark.docker
 
-PROJECT = "test.example.org_gpu"
+PROJECT = f"test.example.org_gpu_{RUN_ID}"
 GIB = 2**30
 
 

@@ -26,6 +26,7 @@ import pytest
 
 from boincd_containers.shim.client import DaemonClient, DaemonError
 from tests.daemon_harness import DaemonProcess, docker
+from tests.names import RUN_ID
 from tests.registry import (
     LocalRegistry,
     busybox_rootfs_tar,
@@ -37,7 +38,7 @@ from tests.registry import (
 pytestmark = pytest.mark.docker
 
 PREFIX = "boincd-imgcache-test"
-PROJECT = "test.example.org_proj"
+PROJECT = f"test.example.org_proj_{RUN_ID}"
 LAYER = 300_000  # each app image's own layer: one file of this many bytes
 # Container names are `boincd__<project>__<result>`: unique results, as other
 # test runs may use the same engine at the same time.
@@ -285,7 +286,7 @@ def test_accounting_equals_system_df_through_pulls_loads_builds_and_removals(
     assert_accounting_equals_df(daemon)
     built = next(i for i in images_status(daemon)["items"] if i["id"] == built_id)
     assert built["unique_bytes"] == 12_345
-    assert built["ref"].startswith("boincd__test.example.org_proj__")
+    assert built["ref"].startswith(f"boincd__{PROJECT}__")
 
     # Removals: the daemon's own (tasks gone, cache emptied), then a foreign one.
     for result in (f"acct_pull-{RUN}", f"acct_load-{RUN}", f"acct_build-{RUN}"):

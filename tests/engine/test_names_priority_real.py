@@ -12,11 +12,12 @@ import pytest
 
 from boincd_containers import labels as L
 from tests.daemon_harness import TEST_IMAGE, DaemonProcess
+from tests.names import RUN_ID
 from tests.podman_harness import ENGINES, TestEngine, daemon_env
 
 pytestmark = [pytest.mark.docker, pytest.mark.parametrize("engine", ENGINES, indirect=True)]
 
-PROJECT = "test.example.org_names"
+PROJECT = f"test.example.org_names_{RUN_ID}"
 
 
 def body(slot: Path, result: str, command: str, **extra: object) -> dict[str, object]:

@@ -20,6 +20,7 @@ import pytest
 
 from boincd_containers.shim.client import DaemonError
 from tests.daemon_harness import TEST_IMAGE, DaemonProcess, docker
+from tests.names import RUN_ID
 
 pytestmark = pytest.mark.docker
 
@@ -87,7 +88,7 @@ def start_task(
     slot.mkdir()
     body = {
         "result": result,
-        "project": "test.example.org_proj",
+        "project": f"test.example.org_proj_{RUN_ID}",
         "slot_dir": str(slot),
         "image": TEST_IMAGE,
         "command": ["sh", "-c", command],

@@ -23,12 +23,13 @@ import pytest
 
 from boincd_containers import proctree
 from tests.daemon_harness import TEST_IMAGE, DaemonProcess
+from tests.names import RUN_ID
 from tests.podman_harness import PodmanService, TestEngine, User, podman_available, rootless_user
 
 pytestmark = [pytest.mark.podman]
 
 CGROUP_V1 = not Path("/sys/fs/cgroup/cgroup.controllers").exists()
-PROJECT = "rootless.example.org_proj"
+PROJECT = f"rootless.example.org_proj_{RUN_ID}"
 
 
 def _missing(reason: str) -> None:
@@ -222,7 +223,17 @@ def test_task_lifecycle_pause_resume_exit_codes_and_remove(
     done = rootless_daemon.request("POST", "/v1/tasks/rl_ok/wait?timeout=60")
     assert (done["state"], done["exit_code"]) == ("exited", 0)
     rootless_daemon.request("DELETE", "/v1/tasks/rl_ok")
-    assert engine.cli("ps", "-aq", "--filter", "label=org.boinc.containers.result=rl_ok") == ""
+    assert (
+        engine.cli(
+            "ps",
+            "-aq",
+            "--filter",
+            f"label=org.boinc.containers.project={PROJECT}",
+            "--filter",
+            "label=org.boinc.containers.result=rl_ok",
+        )
+        == ""
+    )
 
 
 def test_memory_bound_is_enforced_by_watching_when_the_engine_cannot(
