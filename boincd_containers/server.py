@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import errno
 import grp
 import json
 import os
 import signal
 import socket
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -135,7 +138,29 @@ async def _watchdog() -> None:
         await asyncio.sleep(interval / 2)
 
 
+PROCESS_NAME = b"boincd-containers"  # the kernel keeps 15 bytes of it
+
+
+def name_the_process() -> None:
+    """Name the daemon's process for the kernel (`comm`, as ps and /proc show it).
+
+    The BOINC client counts every process whose name holds "boinc" as its own
+    when it adds up other programs' CPU load, to suspend computing when that is
+    over the volunteer's limit (lib/procinfo_unix.cpp `is_boinc_app`). The
+    daemon works only for BOINC's tasks; started as `python -m ...` it would be
+    counted against them."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(PROCESS_NAME), 0, 0, 0)
+
+
+_PR_SET_NAME = 15
+
+
 async def run(settings: Settings) -> None:
+    name_the_process()
     daemon = Daemon(settings)
     app = make_app(daemon)
     socket_path = Path(settings.socket)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -352,3 +353,14 @@ def test_dry_runs_are_reads_anyone_on_the_socket_may_ask() -> None:
     assert not reads_only("POST", "/v1/tasks?dry_run=1")
     assert not reads_only("DELETE", "/v1/gc?dry_run=1")
     assert reads_only("GET", "/v1/status")
+
+
+def test_the_daemon_names_its_process_as_the_boinc_client_counts_its_own() -> None:
+    # lib/procinfo_unix.cpp: is_boinc_app = strcasestr(comm, "boinc")
+    script = (
+        "from boincd_containers.server import name_the_process; name_the_process(); "
+        "print(open('/proc/self/comm').read().strip())"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "boincd-containe"
+    assert "boinc" in out.stdout.lower()
