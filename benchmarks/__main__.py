@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from benchmarks.bench_client import bench_client
+from benchmarks.bench_client_ops import bench_client_ops
 from benchmarks.bench_fleet import bench_fleet
 from benchmarks.bench_monitor_sample import bench_monitor_sample
 from benchmarks.bench_pull import bench_pull
@@ -46,6 +47,7 @@ BENCHES: dict[str, Bench] = {
     "pull": bench_pull,  # 4
     "throughput": bench_throughput,  # 7
     "client": bench_client,  # 8: latency under the real BOINC client
+    "client_ops": bench_client_ops,  # 9: control and cost under it, beside docker_wrapper
 }
 
 
