@@ -94,7 +94,14 @@ async def _main(
     for name in args.names:
         result = Result(name)
         results.append(result)
-        print(f"== {name}", file=sys.stderr, flush=True)
+        load0 = os.getloadavg()[0]
+        print(
+            f"== {name} — {machine['date_utc'][:11]}{time.strftime('%H:%M:%SZ', time.gmtime())},"
+            f" {machine['cpus']} cores ({machine['cpu_model']}), {machine['engine']},"
+            f" load {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+            file=sys.stderr,
+            flush=True,
+        )
         t0 = time.monotonic()
         try:
             await BENCHES[name](run, result)
@@ -102,6 +109,7 @@ async def _main(
             result.error = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
         result.seconds = time.monotonic() - t0
+        result.load = (load0, os.getloadavg()[0])
         for claim in result.claims:
             print(
                 f"   {claim.key}: {claim.value} {claim.unit} (met: {claim.met})",

@@ -113,8 +113,8 @@ class Apps:
         binary = FileSpec("docker_wrapper", self.wrapper_dir / "docker_wrapper", executable=True)
         if dockerfile:
             # No image_name: it builds boinc__<project>__<wu> itself, per workunit.
-            job = FileSpec("job.toml", b"# the slot's Dockerfile\n")
-            return App(main, (job, FileSpec("Dockerfile", dockerfile.encode()), binary))
+            empty = FileSpec("job.toml", b"# the slot's Dockerfile\n")
+            return App(main, (empty, FileSpec("Dockerfile", dockerfile.encode()), binary))
         # Untagged (docker_wrapper greps `docker images` for "NAME "), as in group 8.
         image = f"{self.run.image_repo}-dwops-{kind}"
         if image not in self.built:
@@ -549,8 +549,7 @@ def _claims(result: Result, v: str, per: dict[str, dict[str, Any]], load_note: s
             f"client {v}: {what}; {load_note}",
             None if mine is None else float(mine),
             unit,
-            baseline=None if theirs is None else float(theirs),
-            baseline_what="BOINC docker_wrapper 22, same run",
+            docker_wrapper=None if theirs is None else float(theirs),
             **kw,
         )
 
@@ -560,8 +559,7 @@ def _claims(result: Result, v: str, per: dict[str, dict[str, Any]], load_note: s
         p95(ours, "suspend_s"),
         p95(dw, "suspend_s"),
         "s",
-        goal="p95 ≤ 1 s",
-        met=None if p95(ours, "suspend_s") is None else p95(ours, "suspend_s") <= 1.0,
+        note="the client sends the message in its next 1 s pass, for either wrapper",
     )
     claim(
         "resume_p95",
@@ -569,8 +567,7 @@ def _claims(result: Result, v: str, per: dict[str, dict[str, Any]], load_note: s
         p95(ours, "resume_s"),
         p95(dw, "resume_s"),
         "s",
-        goal="p95 ≤ 1 s",
-        met=None if p95(ours, "resume_s") is None else p95(ours, "resume_s") <= 1.0,
+        note="the client sends the message in its next 1 s pass, for either wrapper",
     )
     claim(
         "abort_gone",
