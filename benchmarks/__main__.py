@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from benchmarks.bench_client import bench_client
+from benchmarks.bench_client_ops import bench_client_ops
 from benchmarks.bench_fleet import bench_fleet
 from benchmarks.bench_monitor_sample import bench_monitor_sample
 from benchmarks.bench_pull import bench_pull
@@ -46,6 +47,7 @@ BENCHES: dict[str, Bench] = {
     "pull": bench_pull,  # 4
     "throughput": bench_throughput,  # 7
     "client": bench_client,  # 8: latency under the real BOINC client
+    "client_ops": bench_client_ops,  # 9: control and cost under it, beside docker_wrapper
 }
 
 
@@ -92,7 +94,14 @@ async def _main(
     for name in args.names:
         result = Result(name)
         results.append(result)
-        print(f"== {name}", file=sys.stderr, flush=True)
+        load0 = os.getloadavg()[0]
+        print(
+            f"== {name} — {machine['date_utc'][:11]}{time.strftime('%H:%M:%SZ', time.gmtime())},"
+            f" {machine['cpus']} cores ({machine['cpu_model']}), {machine['engine']},"
+            f" load {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+            file=sys.stderr,
+            flush=True,
+        )
         t0 = time.monotonic()
         try:
             await BENCHES[name](run, result)
@@ -100,6 +109,7 @@ async def _main(
             result.error = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
         result.seconds = time.monotonic() - t0
+        result.load = (load0, os.getloadavg()[0])
         for claim in result.claims:
             print(
                 f"   {claim.key}: {claim.value} {claim.unit} (met: {claim.met})",

@@ -556,6 +556,7 @@ def _claims(result: Result, v: str, per: dict[str, Any], task_s: float, load_not
         ("docker_wrapper", "BOINC docker_wrapper 22"),
         ("ours", "boincd-shim + daemon"),
     ]
+    dw_p50 = done("docker_wrapper")["p50"] if "docker_wrapper" in per else None
     for name, label in rows:
         if name not in per:
             continue
@@ -573,6 +574,7 @@ def _claims(result: Result, v: str, per: dict[str, Any], task_s: float, load_not
             "s",
             baseline=native["p50"],
             baseline_what="native app (p50)",
+            docker_wrapper=dw_p50 if name != "docker_wrapper" else None,
         )
     ours, cli = done("ours"), done("cli")
     over = ours["p50"] - native["p50"]

@@ -107,12 +107,20 @@ class Claim:
     baseline: float | None = None
     baseline_what: str = ""
     note: str = ""
+    # BOINC's docker_wrapper's figure for the same measure, same run, same unit.
+    docker_wrapper: float | None = None
 
     @property
     def ratio(self) -> float | None:
         if self.value is None or not self.baseline:
             return None
         return self.value / self.baseline
+
+    @property
+    def docker_wrapper_ratio(self) -> float | None:
+        if self.value is None or not self.docker_wrapper:
+            return None
+        return self.value / self.docker_wrapper
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -126,6 +134,10 @@ class Claim:
             "goal": self.goal,
             "met": self.met,
             "note": self.note,
+            "docker_wrapper": self.docker_wrapper,
+            "docker_wrapper_ratio": None
+            if self.docker_wrapper_ratio is None
+            else float(f"{self.docker_wrapper_ratio:.4g}"),
         }
 
 
@@ -136,6 +148,8 @@ class Result:
     details: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    # 1-min load average when the group started and ended: the host is shared.
+    load: tuple[float, float] | None = None
 
     def claim(self, *args: Any, **kwargs: Any) -> Claim:
         c = Claim(*args, **kwargs)
@@ -146,6 +160,7 @@ class Result:
         return {
             "name": self.name,
             "seconds": round(self.seconds, 1),
+            "load_1m": None if self.load is None else [round(x, 2) for x in self.load],
             "error": self.error,
             "claims": [c.to_json() for c in self.claims],
             "details": self.details,

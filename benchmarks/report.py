@@ -53,21 +53,26 @@ def markdown(doc: dict[str, Any]) -> str:
         f" (git {machine.get('git')}); load average at start {machine.get('loadavg_at_start')},"
         f" {machine.get('containers_running_at_start')} other containers running.",
         "",
-        "| # | measure | ours | baseline | ratio | goal | met |",
-        "|---|---|---|---|---|---|---|",
+        "| # | measure | ours | baseline | ratio | docker_wrapper (same run) | goal | met |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for result in doc["results"]:
         if result["error"]:
             last = result["error"].splitlines()[-1][:200].replace("|", "/")
-            lines.append(f"| {result['name']} | **error**: {last} | | | | | |")
+            lines.append(f"| {result['name']} | **error**: {last} | | | | | | |")
         for c in result["claims"]:
             base = ""
             if c["baseline"] is not None:
                 base = f"{_num(c['baseline'], c['unit'])} ({c['baseline_what']})"
             what = c["what"] + (f"; {c['note']}" if c["note"] else "")
+            peer = ""
+            if c.get("docker_wrapper") is not None:
+                peer = f"{_num(c['docker_wrapper'], c['unit'])}"
+                if c.get("docker_wrapper_ratio") is not None:
+                    peer += f" (ours {_ratio(c['docker_wrapper_ratio'])})"
             lines.append(
                 f"| {c['key']} | {what} | {_num(c['value'], c['unit'])} | {base} "
-                f"| {_ratio(c['ratio'])} | {c['goal']} | {_met(c)} |"
+                f"| {_ratio(c['ratio'])} | {peer} | {c['goal']} | {_met(c)} |"
             )
     for result in doc["results"]:
         # A group's own table (e.g. a breakdown by phase), as markdown lines.
@@ -75,8 +80,17 @@ def markdown(doc: dict[str, Any]) -> str:
         if extra:
             lines += ["", *extra]
     lines.append("")
-    seconds = ", ".join(f"{r['name']} {r['seconds']:.0f} s" for r in doc["results"])
-    lines.append(f"Seconds per group: {seconds}.")
+
+    def group(r: dict[str, Any]) -> str:
+        load = r.get("load_1m")
+        return f"{r['name']} {r['seconds']:.0f} s" + (
+            f" (load {load[0]:.2f} → {load[1]:.2f})" if load else ""
+        )
+
+    lines.append(
+        f"Seconds per group (1-min load at its start → end): "
+        f"{', '.join(group(r) for r in doc['results'])}."
+    )
     return "\n".join(lines) + "\n"
 
 

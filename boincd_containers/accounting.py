@@ -469,6 +469,10 @@ class DiskAccount:
         """`SizeRw` from `GET /containers/json?all=1&size=1` (absent: unknown, 0)."""
         self._containers[container_id] = max(size_rw or 0, 0)
 
+    def container_bytes(self, container_id: str) -> int | None:
+        """The container's writable layer as last measured; None: not ours or not yet."""
+        return self._containers.get(container_id)
+
     def remove_container(self, container_id: str) -> None:
         self._containers.pop(container_id, None)
 

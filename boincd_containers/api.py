@@ -221,7 +221,11 @@ async def version(request: web.Request) -> web.Response:
 
 @routes.get("/v1/status")
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[DAEMON].status())
+    data = await request.app[DAEMON].status()
+    keeper = request.app.get(inventory.INVENTORY)  # keeps the images' JSON between answers
+    if keeper is None:
+        return web.json_response(data)
+    return web.Response(text=keeper.encode_status(data), content_type="application/json")
 
 
 @routes.get("/v1/gpus")

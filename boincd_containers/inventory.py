@@ -21,6 +21,7 @@ image a container uses or a task is about to use, never one it did not bring.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -48,6 +49,9 @@ log = get_logger(__name__)
 # that was free (plus what the cache already held) when the engine was first seen.
 DEFAULT_BUDGET_SHARE = 0.5
 _SIZES_EVERY_S = 60.0  # writable layers and volumes: the engine walks directories
+# Stands for the images' items while the rest of a status answer is encoded.
+_ITEMS_MARK = "\0images.items\0"
+_ITEMS_MARK_JSON = json.dumps(_ITEMS_MARK)
 
 
 class Inventory:
@@ -72,9 +76,18 @@ class Inventory:
         self._sync_lock = asyncio.Lock()
         self._evict_lock = asyncio.Lock()
         self._sizes_at = 0.0
+        # Containers whose exit was heard: their layer is final, measure each now.
+        self._stopped: set[str] = set()
+        self._stopped_wake = asyncio.Event()
+        # When a container was created or last measured alone: a list taken
+        # before that moment knows less of it than the account does.
+        self._fresh_at: dict[str, float] = {}
         self._backoff = 0.5  # reconnect delay; back to short once synced
         self._images_key: tuple[Any, ...] | None = None
         self._images_view: dict[str, Any] = {}
+        self._items_json = "[]"  # the view's items as JSON: the bulk of a status answer
+        # The attribution last given to the account, and the account's version then.
+        self._attributed: tuple[dict[str, set[str]], int] | None = None
 
     # -- keeping the account current ---------------------------------------------
 
@@ -103,16 +116,18 @@ class Inventory:
     async def sync_sizes(self) -> None:
         """Writable layers of our containers, and our labelled volumes."""
         owner = {L.OWNER: self.registry.instance_id}
+        listed_at = time.monotonic()
         containers = await self.engine.list_containers(owner, size=True)
         seen = set()
         for summary in containers:
             cid = str(summary["Id"])
             seen.add(cid)
-            self.account.set_container(cid, summary.get("SizeRw"))
+            if self._fresh_at.get(cid, -1.0) < listed_at:
+                self.account.set_container(cid, summary.get("SizeRw"))
             self.container_images[cid] = normalize_id(str(summary.get("ImageID", "")))
         for cid in set(self.container_images) - seen:
-            self.account.remove_container(cid)
-            self.container_images.pop(cid, None)
+            if self._fresh_at.get(cid, -1.0) < listed_at:
+                self._forget_container(cid)
         volumes = await self.engine.list_volumes(owner)
         names = {str(v["Name"]) for v in volumes}
         for gone in self._volume_names - names:
@@ -123,6 +138,26 @@ class Inventory:
         self._volume_names = names
         self._sizes_at = time.monotonic()
 
+    async def measure_container(self, cid: str) -> None:
+        """One container's writable layer, now (its final size once it has stopped)."""
+        started = time.monotonic()
+        try:
+            data = await self.engine.inspect_container(cid, size=True)
+        except NotFound:
+            self._forget_container(cid)
+            return
+        except BoincdError as exc:  # the next periodic measurement will do
+            log.debug("container size not measured", container=cid[:12], error=str(exc))
+            return
+        self.account.set_container(cid, data.get("SizeRw"))
+        self._fresh_at[cid] = started
+
+    def _forget_container(self, cid: str) -> None:
+        self.account.remove_container(cid)
+        self.container_images.pop(cid, None)
+        self._fresh_at.pop(cid, None)
+        self._stopped.discard(cid)
+
     def on_container_event(self, event: dict[str, Any]) -> None:
         """Registry listener: our containers come and go between size measurements."""
         actor = event.get("Actor") or {}
@@ -131,11 +166,15 @@ class Inventory:
         action = event.get("Action")
         if action == "create" and cid:
             self.account.set_container(cid, 0)
+            self._fresh_at[cid] = time.monotonic()
             if image:
                 self.container_images[cid] = image
+        elif action == "die" and cid:
+            self._stopped.add(cid)
+            self._stopped_wake.set()
         elif action == "destroy" and cid:
-            self.account.remove_container(cid)
-            gone = self.container_images.pop(cid, None) or image
+            gone = self.container_images.get(cid) or image
+            self._forget_container(cid)
             if gone:
                 self.images.records.touch(gone)  # used until now: the LRU clock starts here
             self._evict.set()
@@ -285,6 +324,7 @@ class Inventory:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._follow(since))
                     group.create_task(self._work())
+                    group.create_task(self._measure_stopped())
             except* BoincdError as errors:
                 self.error = str(errors.exceptions[0])
                 log.warning("image inventory paused", error=self.error, retry_in_s=self._backoff)
@@ -304,6 +344,27 @@ class Inventory:
         self.synced, self.error, self._backoff = True, None, 0.5
         self.decide_budget()
         self._evict.set()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._follow_images())
+            group.create_task(self._measure_sizes())
+
+    async def _measure_sizes(self) -> None:
+        """Every container's writable layer on its own clock: a stream of image
+        events (or a slow eviction) must not hold it back."""
+        while True:
+            await asyncio.sleep(max(0.0, self._sizes_at + _SIZES_EVERY_S - time.monotonic()))
+            await self.sync_sizes()
+
+    async def _measure_stopped(self) -> None:
+        """A container that stopped is measured at once: its size is final, and a
+        volunteer looking at `ctl status` after a task expects what df says."""
+        while True:
+            await self._stopped_wake.wait()
+            self._stopped_wake.clear()
+            while self._stopped:
+                await self.measure_container(self._stopped.pop())
+
+    async def _follow_images(self) -> None:
         interval = self.settings.relist_interval_s
         while True:
             waiters = [asyncio.ensure_future(e.wait()) for e in (self._dirty, self._evict)]
@@ -316,8 +377,6 @@ class Inventory:
             if self._dirty.is_set() or periodic:
                 self._dirty.clear()
                 await self.sync_images()
-            if time.monotonic() - self._sizes_at >= _SIZES_EVERY_S:
-                await self.sync_sizes()
             if self._evict.is_set() or periodic:
                 self._evict.clear()
                 await self.evict()
@@ -338,10 +397,12 @@ class Inventory:
         its bytes, projects and pins) is kept and recomputed only when what it is
         made of changed: status is asked every second or so, images change rarely."""
         attributed = self._projects_by_image()
-        for usage in self.account.images():
-            wanted = frozenset(attributed.get(usage.id, ()))
-            if usage.projects != wanted:
-                self.account.set_projects(usage.id, wanted)
+        if self._attributed != (attributed, self.account.images_version):
+            for usage in self.account.images():
+                wanted = frozenset(attributed.get(usage.id, ()))
+                if usage.projects != wanted:
+                    self.account.set_projects(usage.id, wanted)
+            self._attributed = (attributed, self.account.images_version)
         pinned, ours = self.pinned(), self.ours()
         key = (
             self.account.images_version,
@@ -353,6 +414,7 @@ class Inventory:
         )
         if key != self._images_key:
             self._images_view = self._images_view_now(pinned, ours)
+            self._items_json = json.dumps(self._images_view["items"])
             self._images_key = key
         return {
             **self._images_view,
@@ -361,6 +423,19 @@ class Inventory:
             "synced": self.synced and self.error is None,
             "error": self.error,
         }
+
+    def encode_status(self, data: dict[str, Any]) -> str:
+        """`json.dumps(data)` for a status answer, with the images' items spliced in
+        from the JSON kept with them instead of encoded again (most of the bytes)."""
+        images = data.get("images")
+        if not isinstance(images, dict) or images.get("items") is not self._images_view.get(
+            "items"
+        ):
+            return json.dumps(data)
+        text = json.dumps({**data, "images": {**images, "items": _ITEMS_MARK}})
+        if text.count(_ITEMS_MARK_JSON) != 1:  # some other field says the same
+            return json.dumps(data)
+        return text.replace(_ITEMS_MARK_JSON, self._items_json, 1)
 
     def _images_view_now(self, pinned: set[str], ours: set[str]) -> dict[str, Any]:
         items = [
@@ -399,7 +474,7 @@ class Inventory:
 
     # StatusProvider
     def task_fields(self, record: TaskRecord) -> dict[str, Any]:
-        return {}
+        return {}  # each task's own disk figures are limits.py's (`writable_bytes`...)
 
     async def status_fields(self) -> dict[str, Any]:
         totals = self.account.totals()

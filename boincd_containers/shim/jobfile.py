@@ -13,11 +13,9 @@ stderr.txt.
 
 from __future__ import annotations
 
-import difflib
 import os
 import posixpath
 import re
-import shlex
 import tomllib
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -323,6 +321,8 @@ def _build_args(chk: _Checker, value: object) -> tuple[tuple[str, str], ...]:
     elif isinstance(value, str):
         # docker_wrapper appends this string to `docker build`; only --build-arg has
         # a meaning without a docker command line.
+        import shlex  # here: most jobs have no build_args string
+
         try:
             tokens = shlex.split(value)
         except ValueError as exc:
@@ -379,6 +379,8 @@ def _check_keys(chk: _Checker, data: dict[str, object]) -> list[str]:
     """Reject unknown keys; return warnings for the docker_wrapper keys we ignore."""
     unknown = []
     for key in sorted(k for k in data if k not in _KNOWN_KEYS):
+        import difflib  # here: only a job with a mistake needs it
+
         close = difflib.get_close_matches(key, _KNOWN_KEYS, n=1)
         unknown.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     if unknown:

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tarfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
@@ -28,6 +29,8 @@ import aiohttp
 import pytest
 
 from boincd_containers.accounting import FROM_IMAGE_SIZE, DiskAccount, ImageData, normalize_id
+from tests.daemon_harness import TEST_IMAGE, DaemonProcess
+from tests.daemon_harness import docker as docker_cli
 from tests.registry import busybox_rootfs_tar
 
 PREFIX = "boincd-acct-test"
@@ -335,3 +338,42 @@ async def test_podman_total_equals_storage_layer_sizes(podman: Engine, tmp_path:
         assert df["LayersSize"] == 0  # why we compute it ourselves
         return
     pytest.fail("podman's images kept changing")
+
+
+@pytest.mark.docker
+def test_a_stopped_task_container_shows_its_final_writable_layer(
+    daemon: DaemonProcess, short_tmp: Path
+) -> None:
+    """The daemon measures a container again when it exits, so `ctl status` says
+    what df says of its writable layer at once, not at the next minute's list."""
+    result = f"acct_rw_{uuid.uuid4().hex[:8]}"
+    slot = short_tmp / result
+    slot.mkdir()
+    daemon.request(
+        "POST",
+        "/v1/tasks",
+        {
+            "result": result,
+            "project": "test.example.org_acct",
+            "slot_dir": str(slot),
+            "image": TEST_IMAGE,
+            # /tmp is in the image, not a tmpfs: 192 KiB into the container's own layer.
+            "command": ["sh", "-c", "dd if=/dev/zero of=/tmp/out bs=65536 count=3; sleep 1"],
+            "memory_bytes": 64 * 2**20,
+        },
+    )
+    daemon.wait_task(result, {"created"})
+    task = daemon.request("POST", f"/v1/tasks/{result}/start")
+    daemon.wait_task(result, {"exited"})
+    size_rw = json.loads(docker_cli("inspect", "--size", task["container_id"]))[0]["SizeRw"]
+    assert size_rw >= 3 * 65536
+    # Well within the minute of the periodic measurement (the benchmark times it).
+    # The daemon is this test's own: its containers are this one.
+    deadline = time.monotonic() + 15
+    while True:
+        containers = daemon.request("GET", "/v1/status")["containers"]
+        if containers["writable_bytes"] == size_rw or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert containers == {"writable_bytes": size_rw, "count": 1}
+    daemon.request("DELETE", f"/v1/tasks/{result}")

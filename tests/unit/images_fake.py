@@ -37,6 +37,8 @@ class ImageEngine(FakeEngine):
         self.build_fails_at: int | None = None  # step number whose RUN fails
         self.build_networks: list[bool] = []  # network of each build (False: BOINC off)
         self.offline_fails = False
+        self.sizes_rw: dict[str, int] = {}  # container id -> bytes its layer holds
+        self.size_calls: list[str] = []  # "list" or the container id inspected with size
         self.add_image("boincd-test/busybox:latest", [layer("busybox", 2_000_000)])
 
     # -- test controls --------------------------------------------------------------
@@ -205,6 +207,22 @@ class ImageEngine(FakeEngine):
                 step_image["_hidden"] = True
         self._tag(data["Id"], tag)
         self._event("tag", data["Id"])
+
+    async def inspect_container(self, ref: str, *, size: bool = False) -> dict[str, Any]:
+        data = await super().inspect_container(ref, size=size)
+        if not size:
+            return data
+        self.size_calls.append(data["Id"])
+        return {**data, "SizeRw": self.sizes_rw.get(data["Id"], 0)}
+
+    async def list_containers(
+        self, labels: dict[str, str], *, size: bool = False
+    ) -> list[dict[str, Any]]:
+        found = await super().list_containers(labels, size=size)
+        if not size:
+            return found
+        self.size_calls.append("list")
+        return [{**c, "SizeRw": self.sizes_rw.get(c["Id"], 0)} for c in found]
 
     async def list_volumes(self, labels: dict[str, str]) -> list[dict[str, Any]]:
         self._check()

@@ -4,6 +4,7 @@ is LRU within the budget, pins and foreign images are safe, freed bytes exact.""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -163,6 +164,19 @@ async def test_the_images_view_is_kept_until_what_it_shows_changes(
     assert pinned[A] is False
     await rig.tasks.remove("r_b")
     assert {i["ref"]: i["pinned"] for i in rig.inventory.images_json()["items"]}[B] is False
+
+
+async def test_a_status_answer_encodes_as_json_dumps_does(rig: Rig) -> None:
+    await rig.run_task("r_a", A)
+    await rig.inventory.sync_images()
+    doc = {"tasks": [{"result": "r_a", "progress": "\0x"}], **await rig.inventory.status_fields()}
+    assert rig.inventory.encode_status(doc) == json.dumps(doc)  # with the kept items
+    assert rig.inventory.encode_status(doc) == json.dumps(doc)  # and again, kept
+    # A field that reads like the stand-in for the items, and a view not kept.
+    odd = {"tasks": [{"progress": "\0images.items\0"}], **await rig.inventory.status_fields()}
+    assert rig.inventory.encode_status(odd) == json.dumps(odd)
+    other = {**doc, "images": {**doc["images"], "items": [{"ref": "x"}]}}
+    assert rig.inventory.encode_status(other) == json.dumps(other)
 
 
 async def test_pins_are_rebuilt_after_a_restart_from_the_containers(
@@ -327,3 +341,88 @@ def test_plan_counts_shared_layers_once(engine: ImageEngine) -> None:
     ]
     assert plan_eviction(account, {x, y}, [x, y], budget_bytes=1030) == []  # fits already
     assert plan_eviction(account, {x, y}, [y], budget_bytes=0) == [Step(y, 20, 1010)]
+
+
+class Loops:
+    """The inventory's and the registry's loops, as the daemon runs them."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.tasks = [
+            asyncio.ensure_future(rig.inventory.run()),
+            asyncio.ensure_future(rig.registry.follow(60)),
+        ]
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def test_a_stopped_container_is_measured_at_once(
+    rig: Rig, engine: ImageEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loops = Loops(rig)
+    try:
+        await eventually(lambda: rig.inventory.synced)
+        await rig.run_task("r_a", A)
+        cid = rig.registry.tasks["r_a"].container_id
+        await rig.tasks.start("r_a")
+        engine.sizes_rw[cid] = 5000  # written while it ran: the next minute's list would see it
+        lists = engine.size_calls.count("list")
+        engine.exit(cid, 0)
+        await eventually(lambda: rig.inventory.account.container_bytes(cid) == 5000)
+        assert engine.size_calls.count("list") == lists  # one inspect, not a list of all
+        assert cid in engine.size_calls
+        fields = await rig.inventory.status_fields()
+        assert fields["containers"] == {"writable_bytes": 5000, "count": 1}
+        await rig.tasks.remove("r_a")
+        await eventually(lambda: rig.inventory.account.container_bytes(cid) is None)
+        assert (await rig.inventory.status_fields())["containers"]["count"] == 0
+    finally:
+        await loops.close()
+
+
+async def test_running_containers_are_measured_on_their_clock_while_events_keep_coming(
+    rig: Rig, engine: ImageEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boincd_containers.inventory as inventory_module
+
+    monkeypatch.setattr(inventory_module, "_SIZES_EVERY_S", 0.3)
+    loops = Loops(rig)
+    try:
+        await eventually(lambda: rig.inventory.synced)
+        await rig.run_task("r_a", A)
+        cid = rig.registry.tasks["r_a"].container_id
+        await rig.tasks.start("r_a")
+        engine.sizes_rw[cid] = 777
+        image_id = engine.images["boincd-test/busybox:latest"]["Id"]
+        async with asyncio.timeout(5):
+            while rig.inventory.account.container_bytes(cid) != 777:
+                engine._event("tag", image_id)  # a steady stream of image events
+                await asyncio.sleep(0.01)
+    finally:
+        await loops.close()
+
+
+async def test_a_list_taken_before_an_exit_does_not_undo_its_final_size(
+    rig: Rig, engine: ImageEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await rig.run_task("r_a", A)
+    cid = rig.registry.tasks["r_a"].container_id
+    engine.sizes_rw[cid] = 100
+    gate = asyncio.Event()
+    listing = engine.list_containers
+
+    async def slow_list(labels: dict[str, str], *, size: bool = False) -> list[dict[str, object]]:
+        found = await listing(labels, size=size)  # taken now, answered later
+        await gate.wait()
+        return found
+
+    monkeypatch.setattr(engine, "list_containers", slow_list)
+    sync = asyncio.ensure_future(rig.inventory.sync_sizes())
+    await asyncio.sleep(0.01)
+    engine.sizes_rw[cid] = 900  # the task wrote more, then exited
+    await rig.inventory.measure_container(cid)
+    gate.set()
+    await sync
+    assert rig.inventory.account.container_bytes(cid) == 900
