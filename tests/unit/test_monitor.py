@@ -89,3 +89,26 @@ def test_last_figures_are_kept_after_exit_and_dropped_with_the_task() -> None:
     monitor.tick()
     assert "r_1" not in monitor.samples
     assert monitor.latest("r_1").rx_bytes == 0
+
+
+async def test_a_tick_over_many_tasks_lets_requests_in_between() -> None:
+    import asyncio
+
+    registry = Registry(cast(Engine, FakeEngine()), "me")
+    for n in range(16):
+        registry.tasks[f"r_{n}"] = TaskRecord(
+            f"r_{n}", "proj", container_id=f"c{n}", state="running", pid=100 + n
+        )
+    monitor = Monitor(registry, cast(CgroupReader, FakeReader()))
+    order: list[str] = []
+
+    async def request() -> None:
+        order.append(f"request after {len(monitor.samples)} samples")
+
+    ticking = asyncio.ensure_future(monitor.tick_yielding())
+    await asyncio.sleep(0)
+    await request()  # arrives while the tick runs: served before its end
+    await ticking
+    assert order[0] != "request after 16 samples"
+    assert len(monitor.samples) == 16
+    assert monitor.ticks == 1
