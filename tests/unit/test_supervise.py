@@ -81,7 +81,7 @@ async def test_the_daemon_survives_a_crashing_monitor(tmp_path: Path) -> None:
     crashes = 0
     ticks = 0
 
-    def broken_tick() -> None:
+    async def broken_tick() -> None:
         nonlocal crashes
         crashes += 1
         raise ValueError("a bug in the monitor")
@@ -92,7 +92,7 @@ async def test_the_daemon_survives_a_crashing_monitor(tmp_path: Path) -> None:
             ticks += 1
             await asyncio.sleep(0.001)
 
-    daemon.monitor.tick = broken_tick  # type: ignore[method-assign]
+    daemon.monitor.tick_yielding = broken_tick  # type: ignore[method-assign]
     daemon.loops = [lambda: daemon.monitor.run(0.001), sibling]
     lifecycle = daemon.lifecycle(web.Application())
     await anext(lifecycle)
