@@ -143,7 +143,8 @@ def start_engine_advice(probe: HostProbe, host: HostFacts) -> str:
 # -- who may open a socket ------------------------------------------------------------------
 
 
-def _user_ids(probe: HostProbe, user: str) -> tuple[int, set[int]] | None:
+def user_ids(probe: HostProbe, user: str) -> tuple[int, set[int]] | None:
+    """(uid, every gid) of a user on the probed host; None when it has no such user."""
     entry = probe.output("getent", "passwd", user)
     fields = entry.split(":") if entry else []
     if len(fields) < 4 or not fields[2].isdigit():
@@ -164,7 +165,7 @@ def _allows(st: os.stat_result, uid: int, gids: set[int], bits: tuple[int, int, 
 def may_open(probe: HostProbe, user: str, path: str) -> tuple[bool | None, str]:
     """Whether ``user`` may connect to the socket at ``path`` (write on it, search on
     every folder above it), and why; None when the permissions cannot be read."""
-    ids = _user_ids(probe, user)
+    ids = user_ids(probe, user)
     if ids is None:
         return None, f"there is no user {user}"
     uid, gids = ids

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 
 from boincd_containers import labels as L
-from boincd_containers.doctor_advice import restart_daemon_advice
+from boincd_containers.doctor_advice import restart_daemon_advice, user_ids
 from boincd_containers.doctor_checks import Finding
 from boincd_containers.hostprobe import (
     BoincClient,
@@ -59,15 +59,6 @@ def _describe(client: BoincClient) -> str:
     return f"{version} at {client.path} ({client.source}{where})"
 
 
-def _user_ids(probe: HostProbe, user: str) -> tuple[int, set[int]] | None:
-    entry = probe.output("getent", "passwd", user)
-    fields = entry.split(":") if entry else []
-    if len(fields) < 4 or not fields[2].isdigit():
-        return None
-    groups = {int(g) for g in (probe.output("id", "-G", user) or "").split() if g.isdigit()}
-    return int(fields[2]), groups | ({int(fields[3])} if fields[3].isdigit() else set())
-
-
 def boinc_reaches_engine(
     probe: HostProbe, boinc: BoincClientFacts, engine: EngineFacts | None
 ) -> tuple[bool | None, str]:
@@ -78,7 +69,7 @@ def boinc_reaches_engine(
     user = probe.boinc_user
     if engine is None or not engine.reachable or not engine.socket:
         return None, "the engine in use is not known"
-    ids = _user_ids(probe, user)
+    ids = user_ids(probe, user)
     if ids is None:
         return False, f"there is no user {user}"
     uid, gids = ids
