@@ -30,6 +30,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+# The app API the shim speaks (the slot's boinc_mmap_file, api_version >= 6): what
+# an app version's <api_version> must say; the .pyz carries it for update_versions.
+API_VERSION = "7.20.0"
+
 MMAPPED_FILE_NAME = "boinc_mmap_file"
 MSG_CHANNEL_SIZE = 1024
 SHARED_MEM_SIZE = 8 * MSG_CHANNEL_SIZE

@@ -10,6 +10,8 @@ import zipapp
 import zipfile
 from pathlib import Path
 
+from .boinc_api import API_VERSION
+
 _MAIN = "import sys\nfrom boincd_containers.shim.__main__ import main\nsys.exit(main())\n"
 
 
@@ -37,6 +39,10 @@ def build_pyz(out: Path, python: str = "/usr/bin/env -S python3") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".zip.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        # BOINC's update_versions takes an app version's <api_version> from the
+        # main program (`strings FILE | grep 'API_VERSION_x.y.z$'`); the members
+        # are compressed, the archive's comment (its last bytes) is not.
+        archive.comment = f"API_VERSION_{API_VERSION}".encode()
         archive.writestr("__main__.py", _MAIN)
         archive.writestr("boincd_containers/__init__.py", "")
         for source in sorted(shim_dir.glob("*.py")):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -438,3 +439,15 @@ def test_a_fifo_or_symlink_at_the_temporary_name_cannot_block_or_redirect_a_writ
     write_finish_file(tmp_path, 3, "again")
     assert not outside.exists()
     assert (tmp_path / BOINC_FINISH_CALLED_FILE).read_text().startswith("3\n")
+
+
+def test_the_pyz_carries_its_api_version_where_update_versions_finds_it(tmp_path: Path) -> None:
+    from boincd_containers.shim.boinc_api import API_VERSION
+    from boincd_containers.shim.pyz import build_pyz
+
+    pyz = build_pyz(tmp_path / "shim.pyz", sys.executable).read_bytes()
+    # tools/update_versions: strings FILE | grep 'API_VERSION_[0-9]+.[0-9]+.[0-9]+$'
+    runs = [r.decode() for r in re.findall(rb"[\x20-\x7e]{4,}", pyz)]
+    found = [r for r in runs if re.fullmatch(r".*API_VERSION_\d+\.\d+\.\d+", r)]
+    assert found
+    assert found[0].endswith(f"API_VERSION_{API_VERSION}")
