@@ -91,7 +91,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from xml.sax.saxutils import escape
 
 from tests.names import unique
@@ -1124,3 +1124,30 @@ class BoincClient:
             out.append(f"--- tail of {self.log_path}")
             out += lines[-n_messages:]
         return "\n".join(out)
+
+
+def start_shim_client(
+    clients: list[BoincClient],
+    base: Path,
+    shim: Path,
+    socket_path: str,
+    binaries: ClientBinaries,
+    job: bytes,
+    results: Sequence[ResultSpec],
+    **kwargs: Any,
+) -> BoincClient:
+    """A started client whose app is the shim (`shim`, a .pyz) with `job` as its
+    job.toml, talking to the daemon on `socket_path`; added to `clients`, which
+    the caller closes at teardown, even when the test fails."""
+    client = BoincClient(
+        base / f"boinc{len(clients)}",
+        shim,
+        results=results,
+        app_files=[FileSpec("job.toml", job)],
+        env={**os.environ, "BOINCD_SOCKET": socket_path},
+        binaries=binaries,
+        **kwargs,
+    )
+    clients.append(client)
+    client.start()
+    return client

@@ -3,7 +3,6 @@ rootful Podman."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from tests.boinc_harness import (
     ClientBinaries,
     FileSpec,
     ResultSpec,
+    start_shim_client,
 )
 from tests.clients import ENGINE_CLIENT_MATRIX
 from tests.daemon_harness import TEST_IMAGE, DaemonProcess
@@ -52,19 +52,10 @@ def make_client(
 ) -> Iterator[Callable[..., BoincClient]]:
     clients: list[BoincClient] = []
 
-    def make(job: bytes, results: list[ResultSpec], **kwargs: object) -> BoincClient:
-        client = BoincClient(
-            short_tmp / f"boinc{len(clients)}",
-            shim_pyz,
-            results=results,
-            app_files=[FileSpec("job.toml", job)],
-            env={**os.environ, "BOINCD_SOCKET": daemon.socket},
-            binaries=boinc_client,
-            **kwargs,  # type: ignore[arg-type]
+    def make(job: bytes, results: list[ResultSpec], **kwargs: Any) -> BoincClient:
+        return start_shim_client(
+            clients, short_tmp, shim_pyz, daemon.socket, boinc_client, job, results, **kwargs
         )
-        clients.append(client)
-        client.start()
-        return client
 
     try:
         yield make

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import sys
 import uuid
@@ -34,9 +33,9 @@ from tests.boinc_harness import (
     RESULT_COMPUTE_ERROR,
     BoincClient,
     ClientBinaries,
-    FileSpec,
     ResultSpec,
     Task,
+    start_shim_client,
 )
 from tests.daemon_harness import TEST_IMAGE, DaemonProcess, docker
 from tests.names import unique
@@ -124,18 +123,9 @@ def start_client(
     spec: ResultSpec,
     **kwargs: object,
 ) -> BoincClient:
-    client = BoincClient(
-        base / f"boinc{len(made.made)}",
-        shim,
-        results=[spec],
-        app_files=[FileSpec("job.toml", job.encode())],
-        env={**os.environ, "BOINCD_SOCKET": daemon.socket},
-        binaries=made.binaries,
-        **kwargs,  # type: ignore[arg-type]
+    return start_shim_client(
+        made.made, base, shim, daemon.socket, made.binaries, job.encode(), [spec], **kwargs
     )
-    made.made.append(client)
-    client.start()
-    return client
 
 
 def job_toml(command: str, **extra: str) -> str:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -44,10 +43,10 @@ from boincd_containers.shim.pyz import build_pyz
 from tests.boinc_harness import (
     BoincClient,
     ClientBinaries,
-    FileSpec,
     ResultSpec,
     Task,
     single_client_lock,
+    start_shim_client,
 )
 from tests.daemon_harness import TEST_IMAGE, DaemonProcess, container_state, docker
 from tests.names import unique
@@ -112,18 +111,16 @@ def make_client(
     clients: list[BoincClient] = []
 
     def make(job: bytes, result: str, **kwargs: Any) -> BoincClient:
-        client = BoincClient(
-            short_tmp / f"boinc{len(clients)}",
+        return start_shim_client(
+            clients,
+            short_tmp,
             shim_pyz,
-            results=[ResultSpec(result)],
-            app_files=[FileSpec("job.toml", job)],
-            env={**os.environ, "BOINCD_SOCKET": daemon.socket},
-            binaries=boinc_client,
+            daemon.socket,
+            boinc_client,
+            job,
+            [ResultSpec(result)],
             **kwargs,
         )
-        clients.append(client)
-        client.start()
-        return client
 
     try:
         yield make
