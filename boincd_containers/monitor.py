@@ -83,12 +83,14 @@ class Monitor:
         self.ticks = 0
         self._priority_denied: set[str] = set()  # results already logged
 
-    def sample(self, record: TaskRecord) -> Sample | None:
+    def sample(
+        self, record: TaskRecord, stats: dict[int, proctree.ProcStat] | None = None
+    ) -> Sample | None:
         """Read one task's figures now; None when it has no live cgroup."""
         if not record.pid or not record.container_id:
             return None
         if record.unenforced:
-            return self._sample_processes(record)
+            return self._sample_processes(record, stats)
         try:
             cg = self.reader.sample(record.container_id, record.pid)
             rx, tx = self.reader.net_dev(record.container_id, record.pid)
@@ -120,11 +122,13 @@ class Monitor:
         self.samples[record.result] = sample
         return sample
 
-    def _sample_processes(self, record: TaskRecord) -> Sample | None:
+    def _sample_processes(
+        self, record: TaskRecord, stats: dict[int, proctree.ProcStat] | None = None
+    ) -> Sample | None:
         """A container without a cgroup of its own (the engine could not apply its
         limits: rootless on cgroup v1) shares one with the engine and other
         containers; its own figures are the sums over its processes."""
-        usage = proctree.usage(record.pid)
+        usage = proctree.usage(record.pid, stats=stats)
         if usage.processes == 0:
             return None
         try:
@@ -133,14 +137,16 @@ class Monitor:
             rx = tx = 0
         return self._keep(record, usage.cpu_time_ns, usage.rss_bytes, usage.rss_bytes, rx, tx)
 
-    def hold_priority(self, record: TaskRecord) -> None:
+    def hold_priority(
+        self, record: TaskRecord, stats: dict[int, proctree.ProcStat] | None = None
+    ) -> None:
         """Lower the container's threads to its task's priority (priority.py)."""
         wanted = record.priority
         if wanted is None or not record.pid or not record.container_id:
             return
         try:
             if record.unenforced:  # no cgroup of its own: its process tree
-                pids = [p.pid for p in proctree.tree(record.pid)]
+                pids = [p.pid for p in proctree.tree(record.pid, stats=stats)]
                 tids = priority.thread_ids_of(pids)
             else:
                 tids = self.reader.thread_ids(record.container_id, record.pid)
@@ -175,8 +181,11 @@ class Monitor:
         return [r for r in self.registry.tasks.values() if r.state in ("running", "paused")]
 
     def _visit(self, record: TaskRecord) -> None:
-        self.sample(record)
-        self.hold_priority(record)
+        # A container without a cgroup of its own is seen through /proc: one scan
+        # serves both its figures and its priority.
+        stats = proctree.snapshot() if record.unenforced else None
+        self.sample(record, stats)
+        self.hold_priority(record, stats)
 
     def _forget_gone(self) -> None:
         for result in list(self.samples):
