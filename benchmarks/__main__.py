@@ -36,7 +36,7 @@ from benchmarks.bench_start import bench_start
 from benchmarks.bench_throughput import bench_throughput
 from benchmarks.common import REPO, BenchError, RawEngine, Result, Run, machine_facts
 from benchmarks.report import markdown
-from tests.daemon_harness import ensure_test_image
+from boincd_containers.testing.daemon import ensure_test_image
 
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 Bench = Callable[[Run, Result], Awaitable[None]]

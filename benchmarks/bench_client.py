@@ -62,7 +62,7 @@ from benchmarks.common import (
     summary,
 )
 from benchmarks.daemon import daemon
-from tests.boinc_harness import (
+from boincd_containers.testing.boinc import (
     CLIENT_8_2,
     DEBIAN_CLIENT,
     BoincClient,

@@ -66,7 +66,7 @@ from benchmarks.common import (
     summary,
 )
 from benchmarks.daemon import BenchDaemon, daemon
-from tests.boinc_harness import BoincClient, ClientBinaries, FileSpec, ResultSpec
+from boincd_containers.testing.boinc import BoincClient, ClientBinaries, FileSpec, ResultSpec
 
 MiB = 2**20
 FRACTION_SCALE_S = 1000.0  # fraction f was written at T0 + f * this

@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 
 from benchmarks.common import Result, Run
-from boincd_containers.cgroups import CgroupReader, cgroup_mode
+from boincd_containers.host.cgroups import CgroupReader, cgroup_mode
 
 IMAGE = "boincd-test/busybox:latest"
 LABEL = "org.boinc.containers.benchmark"

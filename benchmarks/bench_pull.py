@@ -22,7 +22,7 @@ from benchmarks import profiling
 from benchmarks.boinc import Slot
 from benchmarks.common import BenchError, EventLog, RawEngine, Result, Run, summary
 from benchmarks.daemon import DaemonApi, daemon
-from tests.registry import (
+from boincd_containers.testing.local_registry import (
     LocalRegistry,
     busybox_rootfs_tar,
     import_image,

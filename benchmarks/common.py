@@ -427,7 +427,7 @@ def _git(*args: str) -> str:
 async def machine_facts(engine: RawEngine) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from boincd_containers.cgroups import CgroupError, cgroup_mode
+    from boincd_containers.host.cgroups import CgroupError, cgroup_mode
 
     try:
         mode: str = cgroup_mode()

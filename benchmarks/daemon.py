@@ -20,7 +20,7 @@ import aiohttp
 import psutil
 
 from benchmarks.common import BenchError, Run
-from tests.daemon_harness import DaemonProcess
+from boincd_containers.testing.daemon import DaemonProcess
 
 
 class DaemonApi:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.boinc_harness import ClientBinaries
-from tests.clients import CLIENT_PARAMS, require_client
-from tests.daemon_harness import DaemonProcess, docker
-from tests.podman_harness import (
+from boincd_containers.testing.boinc import ClientBinaries
+from boincd_containers.testing.clients import CLIENT_PARAMS, require_client
+from boincd_containers.testing.daemon import DaemonProcess, docker
+from boincd_containers.testing.podman import (
     DOCKER,
     PodmanService,
     TestEngine,
@@ -93,7 +93,7 @@ def _unmount_under(path: Path) -> None:
     state dir: unmount them, deepest first, before removing the test's files."""
     if os.geteuid() != 0:
         return
-    from boincd_containers.mounts import mounted_paths, unmount
+    from boincd_containers.host.mounts import mounted_paths, unmount
 
     prefix = f"{path}/"
     for point in sorted((p for p in mounted_paths() if p.startswith(prefix)), reverse=True):

@@ -13,10 +13,10 @@ without the label is the machine owner's and stays.
 
 from __future__ import annotations
 
-from tests.boinc_harness import single_client_lock
-from tests.daemon_harness import TEST_IMAGE, docker, rebuild_test_image
-from tests.podman_harness import PodmanService, podman_available, rootless_user
-from tests.volunteer import DECOY_LABEL, HELLO_IMAGE, HELLO_LABEL
+from boincd_containers.testing.boinc import single_client_lock
+from boincd_containers.testing.daemon import TEST_IMAGE, docker, rebuild_test_image
+from boincd_containers.testing.podman import PodmanService, podman_available, rootless_user
+from boincd_containers.testing.volunteer import DECOY_LABEL, HELLO_IMAGE, HELLO_LABEL
 
 
 def remove_volunteer_leftovers() -> None:

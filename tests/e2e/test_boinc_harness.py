@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.boinc_harness import (
+from boincd_containers.testing.boinc import (
     EXIT_ABORTED_VIA_GUI,
     RESULT_COMPUTE_ERROR,
     RESULT_FILES_UPLOADING,

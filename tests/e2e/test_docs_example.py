@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers import labels as L
-from tests.boinc_harness import (
+from boincd_containers.core import labels as L
+from boincd_containers.testing.boinc import (
     RESULT_FILES_UPLOADING,
     BoincClient,
     ClientBinaries,
     ResultSpec,
 )
-from tests.daemon_harness import DaemonProcess, docker
+from boincd_containers.testing.daemon import DaemonProcess, docker
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "docs" / "examples"

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from boincd_containers import labels as L
+from boincd_containers.core import labels as L
 from boincd_containers.shim.pyz import build_pyz
-from tests.boinc_harness import (
+from boincd_containers.testing.boinc import (
     EXIT_ABORTED_VIA_GUI,
     RESULT_COMPUTE_ERROR,
     RESULT_FILES_UPLOADING,
@@ -22,10 +22,10 @@ from tests.boinc_harness import (
     ResultSpec,
     start_shim_client,
 )
-from tests.clients import ENGINE_CLIENT_MATRIX
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess
-from tests.names import unique
-from tests.podman_harness import TestEngine
+from boincd_containers.testing.clients import ENGINE_CLIENT_MATRIX
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess
+from boincd_containers.testing.names import unique
+from boincd_containers.testing.podman import TestEngine
 
 pytestmark = [
     pytest.mark.boinc,

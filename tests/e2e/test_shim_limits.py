@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers import labels as L
+from boincd_containers.core import labels as L
 from boincd_containers.shim.client import DaemonError
 from boincd_containers.shim.pyz import build_pyz
-from tests.boinc_harness import (
+from boincd_containers.testing.boinc import (
     EXIT_DISK_LIMIT_EXCEEDED,
     RESULT_COMPUTE_ERROR,
     BoincClient,
@@ -37,8 +37,8 @@ from tests.boinc_harness import (
     Task,
     start_shim_client,
 )
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess, docker
-from tests.names import unique
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess, docker
+from boincd_containers.testing.names import unique
 
 pytestmark = [
     pytest.mark.boinc,

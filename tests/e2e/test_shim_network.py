@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from boincd_containers.shim.pyz import build_pyz
-from tests.boinc_harness import BoincClient, ClientBinaries, FileSpec, ResultSpec
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess, docker
-from tests.names import unique
-from tests.registry import LocalRegistry, local_registry, push_image
+from boincd_containers.testing.boinc import BoincClient, ClientBinaries, FileSpec, ResultSpec
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess, docker
+from boincd_containers.testing.local_registry import LocalRegistry, local_registry, push_image
+from boincd_containers.testing.names import unique
 
 pytestmark = [
     pytest.mark.boinc,

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers import labels as L
+from boincd_containers.core import labels as L
 from boincd_containers.shim.pyz import build_pyz
-from tests.boinc_harness import BoincClient, ClientBinaries, FileSpec, ResultSpec
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess, container_state, docker
-from tests.names import unique
+from boincd_containers.testing.boinc import BoincClient, ClientBinaries, FileSpec, ResultSpec
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess, container_state, docker
+from boincd_containers.testing.names import unique
 
 pytestmark = [
     pytest.mark.boinc,

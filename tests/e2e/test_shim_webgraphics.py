@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from boincd_containers.shim.pyz import build_pyz
-from tests.boinc_harness import (
+from boincd_containers.testing.boinc import (
     CLIENT_8_2,
     DEBIAN_CLIENT,
     BoincClient,
@@ -26,7 +26,7 @@ from tests.boinc_harness import (
     ResultSpec,
     boinc_available,
 )
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess
 from tests.engine.test_webgraphics_real import get, listening_addresses
 
 pytestmark = [

@@ -38,9 +38,9 @@ from typing import Any
 
 import pytest
 
-from boincd_containers import labels as L
+from boincd_containers.core import labels as L
 from boincd_containers.shim.pyz import build_pyz
-from tests.boinc_harness import (
+from boincd_containers.testing.boinc import (
     BoincClient,
     ClientBinaries,
     ResultSpec,
@@ -48,9 +48,9 @@ from tests.boinc_harness import (
     single_client_lock,
     start_shim_client,
 )
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess, container_state, docker
-from tests.names import unique
-from tests.volunteer import (
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess, container_state, docker
+from boincd_containers.testing.names import unique
+from boincd_containers.testing.volunteer import (
     container_exists,
     decoy_container,
     hello_world_image,

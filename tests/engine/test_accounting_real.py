@@ -28,10 +28,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from boincd_containers.accounting import FROM_IMAGE_SIZE, DiskAccount, ImageData, normalize_id
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess
-from tests.daemon_harness import docker as docker_cli
-from tests.registry import busybox_rootfs_tar
+from boincd_containers.images.accounting import (
+    FROM_IMAGE_SIZE,
+    DiskAccount,
+    ImageData,
+    normalize_id,
+)
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess
+from boincd_containers.testing.daemon import docker as docker_cli
+from boincd_containers.testing.local_registry import busybox_rootfs_tar
 
 PREFIX = "boincd-acct-test"
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_harness import DaemonProcess, docker
+from boincd_containers.testing.daemon import DaemonProcess, docker
 
 pytestmark = pytest.mark.docker
 

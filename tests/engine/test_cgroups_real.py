@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from boincd_containers.cgroups import CgroupGone, CgroupReader, MemoryUsage
+from boincd_containers.host.cgroups import CgroupGone, CgroupReader, MemoryUsage
 
 pytestmark = pytest.mark.docker
 

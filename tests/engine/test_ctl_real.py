@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from boincd_containers.ctl import EXIT_NO_PERMISSION, EXIT_NOT_RUNNING
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess, docker
-from tests.names import RUN_ID
+from boincd_containers.cli.ctl import EXIT_NO_PERMISSION, EXIT_NOT_RUNNING
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess, docker
+from boincd_containers.testing.names import RUN_ID
 from tests.unit.test_metrics import parse_exposition, value_of
 
 pytestmark = pytest.mark.docker

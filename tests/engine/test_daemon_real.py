@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from boincd_containers import labels as L
+from boincd_containers.core import labels as L
 from boincd_containers.shim.client import DaemonError
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess
-from tests.names import RUN_ID
-from tests.podman_harness import ENGINES, TestEngine, daemon_env
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess
+from boincd_containers.testing.names import RUN_ID
+from boincd_containers.testing.podman import ENGINES, TestEngine, daemon_env
 
 PROJECT = f"test.example.org_proj_{RUN_ID}"
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers import labels as L
-from tests.daemon_harness import DaemonProcess, docker
+from boincd_containers.core import labels as L
+from boincd_containers.testing.daemon import DaemonProcess, docker
 
 pytestmark = pytest.mark.docker
 

@@ -28,9 +28,16 @@ from typing import Any
 import psutil
 import pytest
 
-from boincd_containers import labels as L
+from boincd_containers.core import labels as L
 from boincd_containers.shim.client import DaemonError, DaemonUnreachable
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess, docker
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess, docker
+from boincd_containers.testing.local_registry import (
+    busybox_rootfs_tar,
+    import_image,
+    local_registry,
+    push_image,
+    registry_available,
+)
 from tests.engine.test_gc_real import (
     boinc_slot,
     ctl,
@@ -38,13 +45,6 @@ from tests.engine.test_gc_real import (
     prepared,
     task_body,
     wait_until,
-)
-from tests.registry import (
-    busybox_rootfs_tar,
-    import_image,
-    local_registry,
-    push_image,
-    registry_available,
 )
 
 pytestmark = pytest.mark.docker

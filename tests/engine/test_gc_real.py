@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from boincd_containers import labels as L
+from boincd_containers.core import labels as L
 from boincd_containers.shim.client import DaemonError
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess, docker
-from tests.names import RUN_ID
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess, docker
+from boincd_containers.testing.names import RUN_ID
 
 pytestmark = pytest.mark.docker
 

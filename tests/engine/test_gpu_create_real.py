@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess, container_state, docker
-from tests.names import RUN_ID
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess, container_state, docker
+from boincd_containers.testing.names import RUN_ID
 
 pytestmark = pytest.mark.docker
 

@@ -25,15 +25,15 @@ from typing import Any
 import pytest
 
 from boincd_containers.shim.client import DaemonClient, DaemonError
-from tests.daemon_harness import DaemonProcess, docker
-from tests.names import RUN_ID
-from tests.registry import (
+from boincd_containers.testing.daemon import DaemonProcess, docker
+from boincd_containers.testing.local_registry import (
     LocalRegistry,
     busybox_rootfs_tar,
     import_image,
     local_registry,
     push_image,
 )
+from boincd_containers.testing.names import RUN_ID
 
 pytestmark = pytest.mark.docker
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from boincd_containers import labels as L
-from boincd_containers.engine import LOG_BYTES_MAX
-from boincd_containers.taskspec import LOG_FILE_MAX_BYTES, LOG_FILES
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess
-from tests.podman_harness import ENGINES, TestEngine
+from boincd_containers.core import labels as L
+from boincd_containers.engine.adapter import LOG_BYTES_MAX
+from boincd_containers.job.spec import LOG_FILE_MAX_BYTES, LOG_FILES
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess
+from boincd_containers.testing.podman import ENGINES, TestEngine
 
 pytestmark = [pytest.mark.docker, pytest.mark.parametrize("engine", ENGINES, indirect=True)]
 

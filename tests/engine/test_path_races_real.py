@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from boincd_containers import labels as L
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess, docker
+from boincd_containers.core import labels as L
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess, docker
 
 pytestmark = [
     pytest.mark.docker,

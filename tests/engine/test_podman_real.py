@@ -18,10 +18,10 @@ from typing import Any, cast
 
 import pytest
 
-from boincd_containers.engine import Engine
-from boincd_containers.errors import Conflict, NotFound
-from tests.daemon_harness import TEST_IMAGE
-from tests.podman_harness import TestEngine
+from boincd_containers.core.errors import Conflict, NotFound
+from boincd_containers.engine.adapter import Engine
+from boincd_containers.testing.daemon import TEST_IMAGE
+from boincd_containers.testing.podman import TestEngine
 
 pytestmark = [pytest.mark.podman, pytest.mark.parametrize("engine", ["podman"], indirect=True)]
 

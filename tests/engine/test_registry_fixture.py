@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry import (
+from boincd_containers.testing.local_registry import (
     LocalRegistry,
     busybox_rootfs_tar,
     import_image,

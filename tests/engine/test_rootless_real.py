@@ -21,10 +21,16 @@ from typing import Any
 
 import pytest
 
-from boincd_containers import proctree
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess
-from tests.names import RUN_ID
-from tests.podman_harness import PodmanService, TestEngine, User, podman_available, rootless_user
+from boincd_containers.host import proctree
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess
+from boincd_containers.testing.names import RUN_ID
+from boincd_containers.testing.podman import (
+    PodmanService,
+    TestEngine,
+    User,
+    podman_available,
+    rootless_user,
+)
 
 pytestmark = [pytest.mark.podman]
 
@@ -67,7 +73,7 @@ def user_python(user: User) -> tuple[str, dict[str, str]]:
     repo = str(Path(__file__).resolve().parents[2])
     site = next((p for p in sys.path if p.endswith("site-packages") and sys.prefix in p), "")
     env = {"PYTHONPATH": os.pathsep.join(p for p in (repo, site) if p)}
-    check = "import aiohttp, aiodocker, boincd_containers.server"
+    check = "import aiohttp, aiodocker, boincd_containers.daemon.server"
     for python in (sys.executable, f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"):
         argv = ["env", f"PYTHONPATH={env['PYTHONPATH']}", python, "-c", check]
         done = subprocess.run(user.command(argv), capture_output=True, timeout=60, cwd="/")

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_harness import TEST_IMAGE, DaemonProcess
-from tests.podman_harness import ENGINES, TestEngine
+from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess
+from boincd_containers.testing.podman import ENGINES, TestEngine
 
 pytestmark = [pytest.mark.docker, pytest.mark.parametrize("engine", ENGINES, indirect=True)]
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from boincd_containers.gpu.allocator import GpuAllocator
-from boincd_containers.gpu.container import gpu_container_config
-from boincd_containers.gpu.nvml import NvmlBackend, cuda_pci_order
+from boincd_containers.host.gpu.allocator import GpuAllocator
+from boincd_containers.host.gpu.container import gpu_container_config
+from boincd_containers.host.gpu.nvml import NvmlBackend, cuda_pci_order
 
 
 def _nvml_loadable() -> bool:

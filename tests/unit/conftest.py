@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from boincd_containers import mounts
+from boincd_containers.host import mounts
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from boincd_containers.accounting import (
+from boincd_containers.images.accounting import (
     FROM_HEURISTIC,
     FROM_HISTORY,
     FROM_IMAGE_SIZE,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers import cgroups
-from boincd_containers.cgroups import (
+from boincd_containers.host import cgroups
+from boincd_containers.host.cgroups import (
     CgroupError,
     CgroupGone,
     CgroupReader,

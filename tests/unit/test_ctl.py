@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from boincd_containers import ctl
+from boincd_containers.cli import ctl
 
 REPO = Path(__file__).resolve().parents[2]
 

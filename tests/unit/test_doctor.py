@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from boincd_containers import doctor_cli
-from boincd_containers.doctor import (
+from boincd_containers.cli import doctor_cli
+from boincd_containers.cli.doctor import (
     CommandResult,
     DaemonFacts,
     DoctorReport,
@@ -26,7 +26,7 @@ from boincd_containers.doctor import (
     HostProbe,
     run_doctor,
 )
-from boincd_containers.hostprobe import GIB, LabelledContainer, run_command
+from boincd_containers.cli.hostprobe import GIB, LabelledContainer, run_command
 
 WSL2_VERSION = (
     "Linux version 5.15.153.1-microsoft-standard-WSL2 (root@1c602f52c2e4) "

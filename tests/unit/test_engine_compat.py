@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from boincd_containers import engine_compat as C
-from boincd_containers import labels as L
-from boincd_containers.errors import Conflict, NotFound
+from boincd_containers.core import labels as L
+from boincd_containers.core.errors import Conflict, NotFound
+from boincd_containers.engine import compat as C
 
 CID = "f21a4f691c15"
 

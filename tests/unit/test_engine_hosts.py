@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers import engine_hosts
-from boincd_containers.engine_hosts import candidate_hosts, identify, pick_host, usable_socket
+from boincd_containers.engine import hosts as engine_hosts
+from boincd_containers.engine.hosts import candidate_hosts, identify, pick_host, usable_socket
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from boincd_containers.engine import Engine
-from boincd_containers.errors import Unavailable
+from boincd_containers.core.errors import Unavailable
+from boincd_containers.engine.adapter import Engine
 
 
 class FakeDockerApi:

@@ -13,11 +13,13 @@ from typing import Any, cast
 
 import pytest
 
-from boincd_containers import labels as L
-from boincd_containers.engine import Engine
-from boincd_containers.errors import Conflict, NotFound, Unavailable
-from boincd_containers.gc import Collector
-from boincd_containers.gc_policy import (
+from boincd_containers.core import labels as L
+from boincd_containers.core.errors import Conflict, NotFound, Unavailable
+from boincd_containers.core.settings import Settings
+from boincd_containers.daemon.service import Daemon
+from boincd_containers.engine.adapter import Engine
+from boincd_containers.gc.collector import Collector
+from boincd_containers.gc.policy import (
     ContainerFacts,
     LeaseBook,
     SlotState,
@@ -25,13 +27,11 @@ from boincd_containers.gc_policy import (
     parse_time,
     slot_state,
 )
-from boincd_containers.images import ImageCache
-from boincd_containers.registry import Registry, TaskRecord
-from boincd_containers.service import Daemon
-from boincd_containers.settings import Settings
-from boincd_containers.tasks import TaskManager
-from boincd_containers.taskspec import parse_request
-from tests.fakes import FakeEngine
+from boincd_containers.images.cache import ImageCache
+from boincd_containers.job.spec import parse_request
+from boincd_containers.tasks.manager import TaskManager
+from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.testing.fakes import FakeEngine
 
 GRACE, LEASE = 100.0, 1000.0
 LONG_AGO = "2000-01-01T00:00:00Z"

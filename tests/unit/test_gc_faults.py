@@ -15,20 +15,20 @@ import psutil
 import pytest
 from aiodocker.exceptions import DockerError
 
-from boincd_containers import labels as L
-from boincd_containers.engine import (
+from boincd_containers.core import labels as L
+from boincd_containers.core.errors import NotFound, Unavailable
+from boincd_containers.core.settings import Settings
+from boincd_containers.engine.adapter import (
     Engine,
     _translate,
     engine_process_started_at,
     process_started_at,
 )
-from boincd_containers.errors import NotFound, Unavailable
-from boincd_containers.images import ImageCache
-from boincd_containers.registry import Registry, TaskRecord
-from boincd_containers.settings import Settings
-from boincd_containers.tasks import TaskManager
-from boincd_containers.taskspec import parse_request
-from tests.fakes import FakeEngine
+from boincd_containers.images.cache import ImageCache
+from boincd_containers.job.spec import parse_request
+from boincd_containers.tasks.manager import TaskManager
+from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.testing.fakes import FakeEngine
 
 STARTED = "2030-01-01T00:00:00.000000001Z"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers.gpu.allocator import (
+from boincd_containers.host.gpu.allocator import (
     LABEL_GPU_USAGE,
     LABEL_GPUS,
     GpuAllocator,
@@ -15,14 +15,14 @@ from boincd_containers.gpu.allocator import (
     parse_gpu_labels,
     usage_by_container,
 )
-from boincd_containers.gpu.backend import (
+from boincd_containers.host.gpu.backend import (
     GpuBusy,
     GpuRequestError,
     GpuUnavailable,
     normalize_gpu_type,
     normalize_pci_bus_id,
 )
-from boincd_containers.gpu.fake import GIB, FakeGpuBackend
+from boincd_containers.host.gpu.fake import GIB, FakeGpuBackend
 
 CID_A = "a" * 64
 CID_B = "b" * 64

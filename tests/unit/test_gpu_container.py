@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers.gpu.allocator import LABEL_GPU_USAGE, LABEL_GPUS, GpuAllocator
-from boincd_containers.gpu.backend import GpuUnavailable
-from boincd_containers.gpu.container import (
+from boincd_containers.host.gpu.allocator import LABEL_GPU_USAGE, LABEL_GPUS, GpuAllocator
+from boincd_containers.host.gpu.backend import GpuUnavailable
+from boincd_containers.host.gpu.container import (
     DrmBackend,
     find_render_nodes,
     gpu_container_config,
 )
-from boincd_containers.gpu.fake import GIB, FakeGpuBackend
+from boincd_containers.host.gpu.fake import GIB, FakeGpuBackend
 
 RENDER_GID = 993
 

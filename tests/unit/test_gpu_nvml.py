@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from boincd_containers.gpu.allocator import GpuAllocator
-from boincd_containers.gpu.backend import GpuUnavailable
-from boincd_containers.gpu.nvml import NvmlBackend, cuda_pci_order
+from boincd_containers.host.gpu.allocator import GpuAllocator
+from boincd_containers.host.gpu.backend import GpuUnavailable
+from boincd_containers.host.gpu.nvml import NvmlBackend, cuda_pci_order
 
 GIB = 1024**3
 
@@ -290,7 +290,7 @@ def test_cuda_order_ignored_under_cuda_visible_devices(monkeypatch: pytest.Monke
 def test_importing_the_package_does_not_load_pynvml() -> None:
     # CPU tasks must not depend on the NVIDIA stack being importable.
     code = (
-        "import sys, boincd_containers.gpu as g; "
+        "import sys, boincd_containers.host.gpu as g; "
         "g.default_backends(); "
         "assert 'pynvml' not in sys.modules, 'pynvml imported'"
     )

@@ -13,16 +13,16 @@ from typing import cast
 
 import pytest
 
-from boincd_containers.engine import Engine
-from boincd_containers.errors import Unavailable
-from boincd_containers.gpu import GpuAllocator, GpuTimeout, TimedBackend
-from boincd_containers.gpu.fake import FakeGpuBackend
-from boincd_containers.gpus import GpuService
-from boincd_containers.registry import Registry
-from boincd_containers.service import Daemon
-from boincd_containers.settings import Settings
-from boincd_containers.taskspec import parse_request
-from tests.fakes import FakeEngine
+from boincd_containers.core.errors import Unavailable
+from boincd_containers.core.settings import Settings
+from boincd_containers.daemon.service import Daemon
+from boincd_containers.engine.adapter import Engine
+from boincd_containers.host.gpu import GpuAllocator, GpuTimeout, TimedBackend
+from boincd_containers.host.gpu.fake import FakeGpuBackend
+from boincd_containers.job.spec import parse_request
+from boincd_containers.tasks.gpus import GpuService
+from boincd_containers.tasks.registry import Registry
+from boincd_containers.testing.fakes import FakeEngine
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ async def test_a_gpu_task_waits_while_the_driver_hangs(
         }
     )
 
-    from boincd_containers.registry import Registry
+    from boincd_containers.tasks.registry import Registry
 
     service = GpuService(
         GpuAllocator(TimedBackend(fake, timeout_s=0.05)),

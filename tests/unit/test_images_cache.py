@@ -11,13 +11,13 @@ from typing import Any, cast
 
 import pytest
 
-from boincd_containers import labels as L
-from boincd_containers.engine import Engine
-from boincd_containers.errors import ImageError, NetworkSuspended, Unavailable
-from boincd_containers.image_sources import base_images
-from boincd_containers.images import ImageCache, Removal
-from boincd_containers.taskspec import TaskRequest, parse_request
-from tests.unit.images_fake import ImageEngine, layer
+from boincd_containers.core import labels as L
+from boincd_containers.core.errors import ImageError, NetworkSuspended, Unavailable
+from boincd_containers.engine.adapter import Engine
+from boincd_containers.images.cache import ImageCache, Removal
+from boincd_containers.images.sources import base_images
+from boincd_containers.job.spec import TaskRequest, parse_request
+from boincd_containers.testing.fake_images import ImageEngine, layer
 
 APP = "reg.example/app:1"
 

@@ -12,16 +12,16 @@ from typing import cast
 
 import pytest
 
-from boincd_containers.accounting import DiskAccount, HistoryEntry, ImageData
-from boincd_containers.engine import Engine
-from boincd_containers.eviction import Step, plan_eviction
-from boincd_containers.images import ImageCache
-from boincd_containers.inventory import Inventory
-from boincd_containers.registry import Registry
-from boincd_containers.settings import Settings
-from boincd_containers.tasks import TaskManager
-from boincd_containers.taskspec import parse_request
-from tests.unit.images_fake import ImageEngine, layer
+from boincd_containers.core.settings import Settings
+from boincd_containers.engine.adapter import Engine
+from boincd_containers.gc.inventory import Inventory
+from boincd_containers.images.accounting import DiskAccount, HistoryEntry, ImageData
+from boincd_containers.images.cache import ImageCache
+from boincd_containers.images.eviction import Step, plan_eviction
+from boincd_containers.job.spec import parse_request
+from boincd_containers.tasks.manager import TaskManager
+from boincd_containers.tasks.registry import Registry
+from boincd_containers.testing.fake_images import ImageEngine, layer
 
 BASE = layer("base", 1000)
 A, B, C = "reg.example/a:1", "reg.example/b:1", "reg.example/c:1"
@@ -385,7 +385,7 @@ async def test_a_stopped_container_is_measured_at_once(
 async def test_running_containers_are_measured_on_their_clock_while_events_keep_coming(
     rig: Rig, engine: ImageEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import boincd_containers.inventory as inventory_module
+    import boincd_containers.gc.inventory as inventory_module
 
     monkeypatch.setattr(inventory_module, "_SIZES_EVERY_S", 0.3)
     loops = Loops(rig)

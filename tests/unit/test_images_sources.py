@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers.errors import BoincdError, ImageError, NotFound, Unavailable
-from boincd_containers.image_sources import (
+from boincd_containers.core.errors import BoincdError, ImageError, NotFound, Unavailable
+from boincd_containers.images.sources import (
     BuildTracker,
     PullProgress,
     archive_image,

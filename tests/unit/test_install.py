@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers import install as inst
-from boincd_containers.hostprobe import CommandResult
-from boincd_containers.settings import load_settings
+from boincd_containers.cli import install as inst
+from boincd_containers.cli.hostprobe import CommandResult
+from boincd_containers.core.settings import load_settings
 
 EXE = "/opt/boincd-containers/bin/boincd-containers"
 

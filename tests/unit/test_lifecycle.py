@@ -9,15 +9,15 @@ from typing import Any, cast
 
 import pytest
 
-from boincd_containers import labels as L
-from boincd_containers.engine import Engine
-from boincd_containers.errors import Conflict, ImageError, NotFound
-from boincd_containers.images import ImageCache
-from boincd_containers.registry import Registry, TaskRecord
-from boincd_containers.settings import Settings
-from boincd_containers.tasks import TaskManager
-from boincd_containers.taskspec import parse_request
-from tests.fakes import FakeEngine
+from boincd_containers.core import labels as L
+from boincd_containers.core.errors import Conflict, ImageError, NotFound
+from boincd_containers.core.settings import Settings
+from boincd_containers.engine.adapter import Engine
+from boincd_containers.images.cache import ImageCache
+from boincd_containers.job.spec import parse_request
+from boincd_containers.tasks.manager import TaskManager
+from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.testing.fakes import FakeEngine
 
 
 class Rig:

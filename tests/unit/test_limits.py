@@ -11,14 +11,14 @@ from typing import Any, cast
 
 import pytest
 
-from boincd_containers.engine import Engine
-from boincd_containers.images import ImageCache
-from boincd_containers.limits import STATE_FILE, DiskLimits, tree_bytes
-from boincd_containers.registry import Registry, TaskRecord
-from boincd_containers.settings import Settings
-from boincd_containers.tasks import TaskManager
-from boincd_containers.taskspec import parse_request
-from tests.fakes import FakeEngine
+from boincd_containers.core.settings import Settings
+from boincd_containers.engine.adapter import Engine
+from boincd_containers.images.cache import ImageCache
+from boincd_containers.job.spec import parse_request
+from boincd_containers.tasks.manager import TaskManager
+from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.testing.fakes import FakeEngine
+from boincd_containers.watch.limits import STATE_FILE, DiskLimits, tree_bytes
 
 MiB = 1 << 20
 

@@ -16,8 +16,9 @@ from typing import Any, cast
 import pytest
 from aiohttp import web
 
-from boincd_containers import engine_compat
-from boincd_containers.engine import (
+from boincd_containers.core.settings import Settings
+from boincd_containers.engine import compat as engine_compat
+from boincd_containers.engine.adapter import (
     LOG_BYTES_MAX,
     LOG_TAIL_MAX,
     Demultiplexer,
@@ -25,19 +26,18 @@ from boincd_containers.engine import (
     demultiplex,
     log_tail_lines,
 )
-from boincd_containers.images import ImageCache
-from boincd_containers.limits import DiskLimits, log_bytes
-from boincd_containers.registry import Registry, TaskRecord
-from boincd_containers.settings import Settings
-from boincd_containers.tasks import TaskManager
-from boincd_containers.taskspec import (
+from boincd_containers.images.cache import ImageCache
+from boincd_containers.job.spec import (
     LOG_FILE_MAX_BYTES,
     LOG_FILES,
     container_config,
     log_config,
     parse_request,
 )
-from tests.fakes import FakeEngine
+from boincd_containers.tasks.manager import TaskManager
+from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.testing.fakes import FakeEngine
+from boincd_containers.watch.limits import DiskLimits, log_bytes
 
 MiB = 1 << 20
 
@@ -174,7 +174,7 @@ async def test_a_small_log_is_whole_and_bad_utf8_is_replaced(short_tmp: Path) ->
 
 
 async def test_a_missing_container_is_not_found(short_tmp: Path) -> None:
-    from boincd_containers.errors import NotFound
+    from boincd_containers.core.errors import NotFound
 
     socket = short_tmp / "engine.sock"
     async with FakeLogEngine(socket, b""):

@@ -9,13 +9,10 @@ from typing import Any, cast
 
 import pytest
 
-from boincd_containers import labels as L
-from boincd_containers.engine import Engine
-from boincd_containers.images import ImageCache
-from boincd_containers.limits import STATE_FILE, ExceededLog
-from boincd_containers.memwatch import MemoryWatch
-from boincd_containers.registry import Registry
-from boincd_containers.settings import Settings
+from boincd_containers.core import labels as L
+from boincd_containers.core.settings import Settings
+from boincd_containers.engine.adapter import Engine
+from boincd_containers.images.cache import ImageCache
 from boincd_containers.shim.boinc_api import (
     BOINC_FINISH_CALLED_FILE,
     AppChannel,
@@ -26,8 +23,11 @@ from boincd_containers.shim.client import DaemonClient
 from boincd_containers.shim.initdata import parse_init_data
 from boincd_containers.shim.jobfile import JobSpec
 from boincd_containers.shim.runner import Runner
-from boincd_containers.tasks import TaskManager
-from tests.fakes import FakeEngine
+from boincd_containers.tasks.manager import TaskManager
+from boincd_containers.tasks.registry import Registry
+from boincd_containers.testing.fakes import FakeEngine
+from boincd_containers.watch.limits import STATE_FILE, ExceededLog
+from boincd_containers.watch.memwatch import MemoryWatch
 from tests.unit.test_proctree import write_stat
 
 MiB = 1 << 20

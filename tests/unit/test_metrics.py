@@ -15,15 +15,16 @@ from typing import Any, cast
 import pytest
 from aiohttp import web
 
-from boincd_containers import api, metrics
-from boincd_containers.engine import Engine, EngineInfo
-from boincd_containers.errors import Unavailable
-from boincd_containers.gpu.fake import GIB, FakeGpuBackend
-from boincd_containers.metrics import Family, escape_label_value, format_value, render
-from boincd_containers.monitor import Sample
-from boincd_containers.registry import TaskRecord
-from boincd_containers.service import Daemon, gpu_backends
-from boincd_containers.settings import Settings, SettingsError
+from boincd_containers.core.errors import Unavailable
+from boincd_containers.core.settings import Settings, SettingsError
+from boincd_containers.daemon import metrics
+from boincd_containers.daemon import routes as api
+from boincd_containers.daemon.metrics import Family, escape_label_value, format_value, render
+from boincd_containers.daemon.service import Daemon, gpu_backends
+from boincd_containers.engine.adapter import Engine, EngineInfo
+from boincd_containers.host.gpu.fake import GIB, FakeGpuBackend
+from boincd_containers.tasks.registry import TaskRecord
+from boincd_containers.watch.monitor import Sample
 
 # -- a strict reader of the text format (version 0.0.4) ----------------------------
 

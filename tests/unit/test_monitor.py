@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import cast
 
-from boincd_containers.cgroups import CgroupGone, CgroupReader, CgroupSample, MemoryUsage
-from boincd_containers.engine import Engine
-from boincd_containers.monitor import Monitor
-from boincd_containers.registry import Registry, TaskRecord
-from tests.fakes import FakeEngine
+from boincd_containers.engine.adapter import Engine
+from boincd_containers.host.cgroups import CgroupGone, CgroupReader, CgroupSample, MemoryUsage
+from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.testing.fakes import FakeEngine
+from boincd_containers.watch.monitor import Monitor
 
 
 class FakeReader:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from boincd_containers import labels as L
+from boincd_containers.core import labels as L
 
 # What Docker accepts as a container name (daemon/names.RestrictedNamePattern).
 DOCKER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")

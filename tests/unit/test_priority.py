@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers import labels as L
-from boincd_containers.errors import BadRequest
-from boincd_containers.priority import IDLE_NICE, Priority, hold, thread_ids_of
+from boincd_containers.core import labels as L
+from boincd_containers.core.errors import BadRequest
+from boincd_containers.host.priority import IDLE_NICE, Priority, hold, thread_ids_of
+from boincd_containers.job.spec import container_config, parse_request
 from boincd_containers.shim.runner import own_priority
-from boincd_containers.taskspec import container_config, parse_request
 from tests.unit.test_limits_shim import FakeChannel, FakeDaemon, make_runner
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling")

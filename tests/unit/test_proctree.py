@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers import proctree
+from boincd_containers.host import proctree
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")

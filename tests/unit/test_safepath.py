@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from boincd_containers import labels as L
-from boincd_containers.errors import BadRequest, BoincdError, Forbidden, ImageError
-from boincd_containers.image_sources import BuildContext, build_context
-from boincd_containers.images import find_archive
-from boincd_containers.mounts import Entry, MountTable, mounted_paths, reopen, unmount
-from boincd_containers.safepath import Owner, open_path
-from boincd_containers.taskspec import check_paths, parse_request
+from boincd_containers.core import labels as L
+from boincd_containers.core.errors import BadRequest, BoincdError, Forbidden, ImageError
+from boincd_containers.host.mounts import Entry, MountTable, mounted_paths, reopen, unmount
+from boincd_containers.host.safepath import Owner, open_path
+from boincd_containers.images.cache import find_archive
+from boincd_containers.images.sources import BuildContext, build_context
+from boincd_containers.job.spec import check_paths, parse_request
 
 USER = 4321  # an unprivileged uid that owns the slot, as the BOINC user does
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mount)")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers import sdnotify
+from boincd_containers.daemon import sdnotify
 
 
 @pytest.fixture

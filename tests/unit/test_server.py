@@ -20,19 +20,19 @@ from typing import Any, cast
 import pytest
 from aiohttp import web
 
-from boincd_containers import api
-from boincd_containers.engine import Engine
-from boincd_containers.errors import BoincdError
-from boincd_containers.registry import TaskRecord
-from boincd_containers.server import (
+from boincd_containers.core.errors import BoincdError
+from boincd_containers.core.settings import Settings
+from boincd_containers.daemon import routes as api
+from boincd_containers.daemon.server import (
     JsonErrorHandler,
     SocketInUse,
     prepare_socket_path,
     protocol_factory,
     secure_socket,
 )
-from boincd_containers.service import Daemon
-from boincd_containers.settings import Settings
+from boincd_containers.daemon.service import Daemon
+from boincd_containers.engine.adapter import Engine
+from boincd_containers.tasks.registry import TaskRecord
 
 
 def test_parent_dir_is_created(short_tmp: Path) -> None:
@@ -358,7 +358,7 @@ def test_dry_runs_are_reads_anyone_on_the_socket_may_ask() -> None:
 def test_the_daemon_names_its_process_as_the_boinc_client_counts_its_own() -> None:
     # lib/procinfo_unix.cpp: is_boinc_app = strcasestr(comm, "boinc")
     script = (
-        "from boincd_containers.server import name_the_process; name_the_process(); "
+        "from boincd_containers.daemon.server import name_the_process; name_the_process(); "
         "print(open('/proc/self/comm').read().strip())"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers import install
+from boincd_containers.cli import install
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = {

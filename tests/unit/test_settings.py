@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers.settings import DEFAULT_SOCKET, Settings, SettingsError, load_settings
+from boincd_containers.core.settings import DEFAULT_SOCKET, Settings, SettingsError, load_settings
 
 
 def test_defaults_without_config_file(tmp_path: Path) -> None:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from boincd_containers import persist
-from boincd_containers.errors import BoincdError, StateWriteError
-from boincd_containers.image_records import ImageRecords
-from boincd_containers.limits import STATE_FILE
-from boincd_containers.persist import PersistentSet, write_json
+from boincd_containers.core import persist
+from boincd_containers.core.errors import BoincdError, StateWriteError
+from boincd_containers.core.persist import PersistentSet, write_json
+from boincd_containers.images.records import ImageRecords
+from boincd_containers.watch.limits import STATE_FILE
 from tests.unit.test_limits import Rig, SizeEngine
 
 MiB = 1 << 20

@@ -11,16 +11,16 @@ from typing import cast
 import pytest
 from aiohttp import web
 
-from boincd_containers import labels as L
-from boincd_containers.engine import Engine
-from boincd_containers.gpu import GpuAllocator
-from boincd_containers.gpu.fake import FakeGpuBackend
-from boincd_containers.gpus import GpuService
-from boincd_containers.registry import Registry, TaskRecord
-from boincd_containers.service import Daemon
-from boincd_containers.settings import Settings
-from boincd_containers.supervise import loop_name, supervise
-from tests.fakes import FakeEngine
+from boincd_containers.core import labels as L
+from boincd_containers.core.settings import Settings
+from boincd_containers.core.supervise import loop_name, supervise
+from boincd_containers.daemon.service import Daemon
+from boincd_containers.engine.adapter import Engine
+from boincd_containers.host.gpu import GpuAllocator
+from boincd_containers.host.gpu.fake import FakeGpuBackend
+from boincd_containers.tasks.gpus import GpuService
+from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.testing.fakes import FakeEngine
 
 
 async def until(check: object, timeout: float = 10.0) -> None:

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from boincd_containers import labels as L
-from boincd_containers.errors import BadRequest, Forbidden
-from boincd_containers.taskspec import check_paths, container_config, parse_request
+from boincd_containers.core import labels as L
+from boincd_containers.core.errors import BadRequest, Forbidden
+from boincd_containers.job.spec import check_paths, container_config, parse_request
 
 
 def body(slot: Path, **extra: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from tests.daemon_harness import BUSYBOX, busybox_rootfs
+from boincd_containers.testing.daemon import BUSYBOX, busybox_rootfs
 
 pytestmark = pytest.mark.skipif(not BUSYBOX.exists(), reason="needs busybox-static")
 

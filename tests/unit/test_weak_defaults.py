@@ -12,20 +12,20 @@ import psutil
 import pytest
 from aiodocker.exceptions import DockerError
 
-from boincd_containers.engine import Engine, EngineInfo, _translate
-from boincd_containers.errors import EngineRefused, Unavailable
-from boincd_containers.images import ImageCache
-from boincd_containers.registry import Registry
-from boincd_containers.settings import Settings
-from boincd_containers.tasks import TaskManager
-from boincd_containers.taskspec import (
+from boincd_containers.core.errors import EngineRefused, Unavailable
+from boincd_containers.core.settings import Settings
+from boincd_containers.engine.adapter import Engine, EngineInfo, _translate
+from boincd_containers.images.cache import ImageCache
+from boincd_containers.job.spec import (
     MIN_MEMORY_BYTES,
     MIN_NANO_CPUS,
     TaskRequest,
     container_config,
     parse_request,
 )
-from tests.fakes import FakeEngine
+from boincd_containers.tasks.manager import TaskManager
+from boincd_containers.tasks.registry import Registry
+from boincd_containers.testing.fakes import FakeEngine
 
 MiB = 1 << 20
 

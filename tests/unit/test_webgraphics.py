@@ -14,16 +14,16 @@ from typing import Any, cast
 
 import pytest
 
-from boincd_containers import labels as L
-from boincd_containers.errors import BadRequest
-from boincd_containers.registry import Registry, TaskRecord
+from boincd_containers.core import labels as L
+from boincd_containers.core.errors import BadRequest
+from boincd_containers.job.spec import container_config, parse_request
 from boincd_containers.shim.boinc_api import AppChannel, Channel, web_graphics_reply
 from boincd_containers.shim.client import DaemonClient
 from boincd_containers.shim.initdata import parse_init_data
 from boincd_containers.shim.jobfile import JobSpec
 from boincd_containers.shim.runner import Runner, task_request
-from boincd_containers.taskspec import container_config, parse_request
-from boincd_containers.webgraphics import GraphicsUnavailable, Streams, WebGraphics
+from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.watch.webgraphics import GraphicsUnavailable, Streams, WebGraphics
 
 RESULT = "wu_gfx_0"
 
@@ -350,7 +350,7 @@ async def test_a_daemon_that_may_not_enter_namespaces_says_so_before_any_connect
 
 
 def test_this_process_may_enter_a_namespace_as_root() -> None:
-    from boincd_containers.webgraphics import can_enter_netns
+    from boincd_containers.watch.webgraphics import can_enter_netns
 
     expected = None if os.geteuid() == 0 else "CAP_SYS_ADMIN"
     answer = can_enter_netns()

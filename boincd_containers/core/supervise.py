@@ -1,0 +1,59 @@
+"""The one way the daemon runs a background loop: a failure is logged and the
+loop restarted after a backoff, never passed on to the TaskGroup that holds it,
+where it would cancel the server and every sibling loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from boincd_containers.core.log import get_logger
+
+log = get_logger(__name__)
+
+LoopFactory = Callable[[], Coroutine[Any, Any, None]]
+
+FIRST_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 60.0
+# A run that lasted this long was healthy: its next failure starts the backoff over.
+HEALTHY_S = 60.0
+
+
+def loop_name(make: LoopFactory) -> str:
+    """A readable name for logs: `Monitor.run`, or where a lambda was written."""
+    name = getattr(make, "__qualname__", "") or repr(make)
+    code = getattr(make, "__code__", None)
+    if "<lambda>" in name and code is not None:
+        return f"{make.__module__}:{code.co_firstlineno}"
+    return name
+
+
+async def supervise(
+    make: LoopFactory,
+    name: str | None = None,
+    *,
+    first_backoff_s: float = FIRST_BACKOFF_S,
+    max_backoff_s: float = MAX_BACKOFF_S,
+) -> None:
+    """Run `make()` until it returns; restart it after each unexpected exception.
+
+    Cancellation (shutdown) passes through. A loop that returns has finished its
+    work on purpose (e.g. a watchdog with nothing to watch) and is not restarted.
+    """
+    name = name or loop_name(make)
+    backoff = first_backoff_s
+    while True:
+        started = time.monotonic()
+        try:
+            await make()
+        except Exception as exc:  # CancelledError is no Exception: shutdown passes
+            if time.monotonic() - started >= HEALTHY_S:
+                backoff = first_backoff_s
+            log.error("background loop failed", loop=name, retry_in_s=backoff, exc_info=exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, max_backoff_s)
+            continue
+        log.info("background loop finished", loop=name)
+        return

@@ -1,0 +1,212 @@
+"""One sampling loop for every consumer (shim, ctl, /metrics): CPU time, memory,
+network bytes per task, read from cgroup and /proc files, never the engine's
+stats API (about 2 s per call here, against about 30 µs for the files).
+
+Network counters are the task's, not an interface's: disconnecting a container
+(BOINC suspended the network) removes its interface and the kernel's counters
+with it, and a reconnect starts new ones at zero. The BOINC client adds only
+increases of `bytes_sent`/`bytes_received` to its transfer history, so counters
+that fell back would hide traffic; they are kept monotonic here instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from boincd_containers.core.log import get_logger
+from boincd_containers.host import priority, proctree
+from boincd_containers.host.cgroups import CgroupError, CgroupGone, CgroupReader, net_dev
+from boincd_containers.tasks.registry import Registry, TaskRecord
+
+log = get_logger(__name__)
+
+_TASKS_PER_SLICE = 4  # tasks sampled between two turns of the event loop
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    at: float
+    cpu_time_s: float
+    memory_bytes: int
+    wss_bytes: int
+    rx_bytes: int
+    tx_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cpu_time_s": self.cpu_time_s,
+            "memory_bytes": self.memory_bytes,
+            "wss_bytes": self.wss_bytes,
+            "rx_bytes": self.rx_bytes,
+            "tx_bytes": self.tx_bytes,
+            "sampled_at": self.at,
+        }
+
+
+_EMPTY = Sample(0.0, 0.0, 0, 0, 0, 0)
+
+
+@dataclass(slots=True)
+class _NetCounter:
+    """Raw interface totals → a task total that never decreases.
+
+    When the raw sum falls (an interface went away), what it had counted is
+    carried over; traffic between the last sample and the disconnect (under one
+    sampling interval) is the only loss.
+    """
+
+    container_id: str = ""
+    carried: int = 0
+    last_raw: int = 0
+
+    def total(self, container_id: str, raw: int) -> int:
+        if container_id != self.container_id:
+            # Another container for the same result (recreated): its own counters.
+            self.container_id, self.carried, self.last_raw = container_id, 0, 0
+        if raw < self.last_raw:
+            self.carried += self.last_raw
+        self.last_raw = raw
+        return self.carried + raw
+
+
+class Monitor:
+    def __init__(self, registry: Registry, reader: CgroupReader | None = None) -> None:
+        self.registry = registry
+        self.reader = reader or CgroupReader()
+        # Kept after a container stops: its last figures are its final ones.
+        self.samples: dict[str, Sample] = {}
+        self._rx: dict[str, _NetCounter] = {}
+        self._tx: dict[str, _NetCounter] = {}
+        self.ticks = 0
+        self._priority_denied: set[str] = set()  # results already logged
+
+    def sample(
+        self, record: TaskRecord, stats: dict[int, proctree.ProcStat] | None = None
+    ) -> Sample | None:
+        """Read one task's figures now; None when it has no live cgroup."""
+        if not record.pid or not record.container_id:
+            return None
+        if record.unenforced:
+            return self._sample_processes(record, stats)
+        try:
+            cg = self.reader.sample(record.container_id, record.pid)
+            rx, tx = self.reader.net_dev(record.container_id, record.pid)
+        except CgroupGone:
+            return None
+        except CgroupError as exc:
+            log.debug("cannot sample task", result=record.result, error=str(exc))
+            return None
+        return self._keep(
+            record, cg.cpu_time_ns, cg.memory.usage_bytes, cg.memory.working_set_bytes, rx, tx
+        )
+
+    def _keep(
+        self, record: TaskRecord, cpu_ns: int, memory: int, wss: int, rx: int, tx: int
+    ) -> Sample:
+        """Store one task's figures; network counters carry over a disconnect."""
+        sample = Sample(
+            at=time.time(),
+            cpu_time_s=cpu_ns / 1e9,
+            memory_bytes=memory,
+            wss_bytes=wss,
+            rx_bytes=self._rx.setdefault(record.result, _NetCounter()).total(
+                record.container_id, rx
+            ),
+            tx_bytes=self._tx.setdefault(record.result, _NetCounter()).total(
+                record.container_id, tx
+            ),
+        )
+        self.samples[record.result] = sample
+        return sample
+
+    def _sample_processes(
+        self, record: TaskRecord, stats: dict[int, proctree.ProcStat] | None = None
+    ) -> Sample | None:
+        """A container without a cgroup of its own (the engine could not apply its
+        limits: rootless on cgroup v1) shares one with the engine and other
+        containers; its own figures are the sums over its processes."""
+        usage = proctree.usage(record.pid, stats=stats)
+        if usage.processes == 0:
+            return None
+        try:
+            rx, tx = net_dev(record.pid)
+        except CgroupError:
+            rx = tx = 0
+        return self._keep(record, usage.cpu_time_ns, usage.rss_bytes, usage.rss_bytes, rx, tx)
+
+    def hold_priority(
+        self, record: TaskRecord, stats: dict[int, proctree.ProcStat] | None = None
+    ) -> None:
+        """Lower the container's threads to its task's priority (priority.py)."""
+        wanted = record.priority
+        if wanted is None or not record.pid or not record.container_id:
+            return
+        try:
+            if record.unenforced:  # no cgroup of its own: its process tree
+                pids = [p.pid for p in proctree.tree(record.pid, stats=stats)]
+                tids = priority.thread_ids_of(pids)
+            else:
+                tids = self.reader.thread_ids(record.container_id, record.pid)
+        except CgroupError:
+            return
+        held = priority.hold(tids, wanted)
+        if held.denied and record.result not in self._priority_denied:
+            self._priority_denied.add(record.result)
+            log.warning(
+                "cannot lower the container's priority",
+                result=record.result,
+                threads=held.denied,
+                nice=wanted.nice,
+            )
+
+    def tick(self) -> None:
+        for record in self._live():
+            self._visit(record)
+        self._forget_gone()
+
+    async def tick_yielding(self) -> None:
+        """The same tick, letting the loop answer requests between tasks: over many
+        tasks a tick takes milliseconds, and a status request that arrives meanwhile
+        should not wait for all of it."""
+        for n, record in enumerate(self._live(), start=1):
+            self._visit(record)
+            if n % _TASKS_PER_SLICE == 0:
+                await asyncio.sleep(0)
+        self._forget_gone()
+
+    def _live(self) -> list[TaskRecord]:
+        return [r for r in self.registry.tasks.values() if r.state in ("running", "paused")]
+
+    def _visit(self, record: TaskRecord) -> None:
+        # A container without a cgroup of its own is seen through /proc: one scan
+        # serves both its figures and its priority.
+        stats = proctree.snapshot() if record.unenforced else None
+        self.sample(record, stats)
+        self.hold_priority(record, stats)
+
+    def _forget_gone(self) -> None:
+        for result in list(self.samples):
+            if result not in self.registry.tasks:
+                del self.samples[result]
+                self._rx.pop(result, None)
+                self._tx.pop(result, None)
+                self._priority_denied.discard(result)
+        self.ticks += 1
+
+    async def run(self, interval_s: float) -> None:
+        while True:
+            await self.tick_yielding()
+            await asyncio.sleep(interval_s)
+
+    def latest(self, result: str) -> Sample:
+        return self.samples.get(result, _EMPTY)
+
+    # StatusProvider
+    def task_fields(self, record: TaskRecord) -> dict[str, Any]:
+        return self.latest(record.result).to_json()
+
+    async def status_fields(self) -> dict[str, Any]:
+        return {}
