@@ -41,7 +41,7 @@ spec=.
 needs='import aiodocker, aiohttp, psutil, structlog'
 if [ "$want_tests" = "--test" ]; then
   spec='.[test]'
-  needs="$needs, pytest_asyncio, mypy, ruff"
+  needs="$needs, pytest_asyncio, mypy, ruff, importlinter"
 fi
 if [ ! -x .venv/bin/boincd-containers ] || ! .venv/bin/python -c "$needs" 2>/dev/null; then
   .venv/bin/pip install -q --upgrade pip

@@ -9,6 +9,7 @@ scripts/setup.sh --test
 export BOINCD_REQUIRE_ENGINE=1 BOINCD_REQUIRE_BOINC=1
 .venv/bin/ruff check boincd_containers tests benchmarks
 .venv/bin/mypy
+.venv/bin/lint-imports  # the layers of docs/architecture.md
 # Rebuild the test images from local files whatever an earlier run left, and
 # remove its hello-world and decoys: every run proves what a fresh machine does.
 .venv/bin/python -m tests.prepare_images

@@ -89,7 +89,7 @@ def short_tmp() -> Iterator[Path]:
 
 
 def _unmount_under(path: Path) -> None:
-    """A daemon killed by a test leaves its task mount points (mounts.py) under its
+    """A daemon killed by a test leaves its task mount points (host/mounts.py) under its
     state dir: unmount them, deepest first, before removing the test's files."""
     if os.geteuid() != 0:
         return

@@ -76,7 +76,7 @@ def _tasks_text(tasks: list[dict[str, Any]]) -> str:
         elif t.get("detached") and state == "paused":
             state += " (quit)"
         rx, tx = t.get("rx_bytes"), t.get("tx_bytes")
-        # Slot dir + writable layer + volumes against BOINC's disk bound (limits.py).
+        # Slot dir + writable layer + volumes against BOINC's disk bound (watch/limits.py).
         used, bound = t.get("disk_used_bytes"), t.get("disk_bound_bytes")
         disk = f"{human_bytes(used)} / {human_bytes(bound)}" if bound else human_bytes(used)
         rows.append(

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from boincd_containers.cli.doctor import HostProbe, run_doctor
 from boincd_containers.cli.hostprobe import Runner, run_command
+from boincd_containers.core.persist import write_text
 
 __all__ = ["InstallError", "default_exec_path", "install", "main"]
 
@@ -100,7 +101,7 @@ ConfigurationDirectoryMode=0755
 # Hardening, within one constraint: the daemon must live in the host's mount
 # namespace. It bind-mounts each task's checked slot (and project dir, and
 # `mount` sources) onto /var/lib/boincd-containers/mounts/ and gives the engine
-# that path, which the BOINC user cannot swap for a symbolic link (mounts.py,
+# that path, which the BOINC user cannot swap for a symbolic link (host/mounts.py,
 # as Kubernetes' fix for CVE-2017-1002101). Mounts made in a namespace of the
 # unit's own never reach dockerd (systemd makes such a namespace a slave, and
 # MountFlags=shared does not undo that), so no option here may create one:
@@ -111,7 +112,7 @@ ConfigurationDirectoryMode=0755
 NoNewPrivileges=yes
 ProtectClock=yes
 # net: web graphics enter a task container's network namespace (setns) to
-# reach its port, so the container needs no network of its own (webgraphics.py).
+# reach its port, so the container needs no network of its own (watch/webgraphics.py).
 RestrictNamespaces=net
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
@@ -125,10 +126,10 @@ RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 # the checked task dirs (mount(2)); nothing else. Repeated lines add up.
 CapabilityBoundingSet=CAP_CHOWN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_SYS_PTRACE
 # Lowering a task container's threads to the task's priority (setpriority,
-# sched_setscheduler on processes of other users: priority.py).
+# sched_setscheduler on processes of other users: host/priority.py).
 CapabilityBoundingSet=CAP_SYS_NICE
 # And setns() into a task container's network namespace, which needs
-# CAP_SYS_ADMIN, for web graphics (webgraphics.py). Repeated lines are merged.
+# CAP_SYS_ADMIN, for web graphics (watch/webgraphics.py). Repeated lines are merged.
 CapabilityBoundingSet=CAP_SYS_ADMIN
 
 [Install]
@@ -343,11 +344,7 @@ class _Installer:
             # before letting a root service onto the host.
             self.lines.append(f"--- {shown}\n{text.rstrip()}\n--- end of {shown}")
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".tmp")
-        partial.write_text(text)
-        partial.chmod(mode)
-        os.replace(partial, target)  # never a half-written unit if we are interrupted
+        write_text(target, text, mode)  # never a half-written unit if we are interrupted
 
     def command(self, *argv: str) -> None:
         self.say("run " + " ".join(argv))

@@ -22,16 +22,16 @@ GPUS = f"{PREFIX}.gpus"
 GPU_USAGE = f"{PREFIX}.gpu_usage"
 DISK_BOUND = f"{PREFIX}.disk_bound"
 MEMORY_BOUND = f"{PREFIX}.memory_bound"
-MOUNTS = f"{PREFIX}.mounts"  # how the mount points are made again (mounts.py)
+MOUNTS = f"{PREFIX}.mounts"  # how the mount points are made again (host/mounts.py)
 # Limits the engine could not apply ("cpu,memory,pids") and what that means, in words.
 UNENFORCED = f"{PREFIX}.unenforced"
 WARNINGS = f"{PREFIX}.warnings"
 
 # Extensions of the contract: the priority the BOINC client gave the task's shim,
-# which every process of the container is held to (see priority.py).
+# which every process of the container is held to (see host/priority.py).
 NICE = f"{PREFIX}.nice"
 SCHED_IDLE = f"{PREFIX}.sched_idle"
-# The container port the daemon forwards 127.0.0.1:<host port> to (webgraphics.py).
+# The container port the daemon forwards 127.0.0.1:<host port> to (watch/webgraphics.py).
 WEB_GRAPHICS_PORT = f"{PREFIX}.web_graphics_port"
 
 # Our prefix. Never "boinc__": BOINC clients 8.2.0 and later `rm -f` every

@@ -25,8 +25,8 @@ def write_json(path: Path, data: Any, **dump_options: Any) -> None:
     write_text(path, json.dumps(data, **dump_options))
 
 
-def write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text`, all or nothing; raises StateWriteError."""
+def write_text(path: Path, text: str, mode: int | None = None) -> None:
+    """Replace `path` with `text` (and `mode`), all or nothing; raises StateWriteError."""
     tmp = path.with_suffix(".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +34,8 @@ def write_text(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        if mode is not None:
+            tmp.chmod(mode)
         os.replace(tmp, path)
     except OSError as exc:
         # A half-written temporary file would only take space a full disk lacks.

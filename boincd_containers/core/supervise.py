@@ -5,8 +5,9 @@ where it would cancel the server and every sibling loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from boincd_containers.core.log import get_logger
@@ -57,3 +58,20 @@ async def supervise(
             continue
         log.info("background loop finished", loop=name)
         return
+
+
+@contextlib.asynccontextmanager
+async def running(*loops: LoopFactory) -> AsyncIterator[None]:
+    """Each loop runs supervised while the block runs; on leaving it (normally or
+    by cancellation) every loop is cancelled and awaited, so none outlives it.
+
+    Not a TaskGroup: a TaskGroup held open across a `yield` would take the
+    caller's cancellation for its own, and one child's failure would cancel the
+    siblings; supervise() never lets a failure out."""
+    tasks = [asyncio.create_task(supervise(make), name=loop_name(make)) for make in loops]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -17,13 +17,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from aiohttp import web
-
 from boincd_containers.core.errors import BoincdError
 from boincd_containers.core.log import get_logger
 
 if TYPE_CHECKING:
-    from boincd_containers.daemon.service import Daemon
+    from boincd_containers.daemon.app import Daemon
 
 log = get_logger(__name__)
 
@@ -369,7 +367,7 @@ async def _status_parts(daemon: Daemon) -> dict[str, Any]:
     driver, which a scrape must not do.
     """
     fields: dict[str, Any] = {}
-    for provider in daemon.extra_status:
+    for provider in daemon.status_providers:
         if provider is daemon.gpus or provider is daemon.monitor:
             continue
         try:
@@ -389,17 +387,3 @@ async def collect(daemon: Daemon) -> list[Family]:
     families += _disk_families(parts, daemon)
     families += _gc_families(parts)
     return families
-
-
-def attach(daemon: Daemon, app: web.Application) -> None:
-    """Feature hook (api.FEATURES): serve `/metrics` next to the JSON API.
-
-    Reading it is a GET, so anyone who may open the socket may scrape it,
-    like `GET /v1/status`.
-    """
-
-    async def metrics(request: web.Request) -> web.Response:
-        text = render(await collect(daemon))
-        return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
-
-    app.router.add_get("/metrics", metrics)

@@ -9,7 +9,7 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -17,20 +17,17 @@ from aiohttp.http_exceptions import HttpProcessingError
 from boincd_containers.core.errors import BadRequest, BoincdError, Conflict, Forbidden, NotFound
 from boincd_containers.core.log import get_logger
 from boincd_containers.daemon import metrics
+from boincd_containers.daemon.keys import COLLECTOR, DAEMON, INVENTORY
 from boincd_containers.daemon.peercred import Peer, peer_credentials
-from boincd_containers.daemon.service import Daemon, Feature
 from boincd_containers.engine.adapter import log_tail_lines
-from boincd_containers.gc import collector as gc
-from boincd_containers.gc import inventory
 from boincd_containers.job.spec import check_name, parse_request
-from boincd_containers.watch import limits, memwatch
+
+if TYPE_CHECKING:
+    from boincd_containers.daemon.app import Daemon
 
 log = get_logger(__name__)
 
-DAEMON = web.AppKey("daemon", Daemon)
 PEER = web.RequestKey("peer", Peer)
-# memwatch after limits: it shares the record of exceeded limits.
-FEATURES: tuple[Feature, ...] = (metrics, limits, memwatch, inventory, gc)
 API_VERSION = 1
 _READ_METHODS = {"GET", "HEAD", "OPTIONS"}
 # A task request is a few KiB; nothing the API takes comes near this.
@@ -87,8 +84,7 @@ _DRY_RUN_PATHS = frozenset({"/v1/gc", "/v1/images/evict"})
 def _reads_only(request: web.Request) -> bool:
     if request.method in _READ_METHODS:
         return True
-    dry_run = request.query.get("dry_run", "0").lower() in ("1", "true", "yes")
-    return request.method == "POST" and request.path in _DRY_RUN_PATHS and dry_run
+    return request.method == "POST" and request.path in _DRY_RUN_PATHS and _dry_run(request)
 
 
 @web.middleware
@@ -225,9 +221,7 @@ async def version(request: web.Request) -> web.Response:
 @routes.get("/v1/status")
 async def status(request: web.Request) -> web.Response:
     data = await request.app[DAEMON].status()
-    keeper = request.app.get(inventory.INVENTORY)  # keeps the images' JSON between answers
-    if keeper is None:
-        return web.json_response(data)
+    keeper = request.app[INVENTORY]  # keeps the images' JSON between answers
     return web.Response(text=keeper.encode_status(data), content_type="application/json")
 
 
@@ -256,7 +250,7 @@ async def create_task(request: web.Request) -> web.Response:
 async def get_task(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     record = daemon.registry.get(request.match_info["result"])
-    # A shim polls its task here each second: that keeps its lease (gc.py).
+    # A shim polls its task here each second: that keeps its lease (gc/collector.py).
     # Only the task's own side renews it, so a reader polling cannot keep an
     # abandoned task's container alive.
     if _renews_lease(request[PEER].uid, daemon.writer_uids, record.slot_dir):
@@ -365,12 +359,37 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def make_app(daemon: Daemon) -> web.Application:
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY_BYTES)
-    app[DAEMON] = daemon
-    app.add_routes(routes)
-    # Features own their routes, status fields and loops; see each attach().
-    for feature in FEATURES:
-        feature.attach(daemon, app)
-    app.cleanup_ctx.append(daemon.lifecycle)
-    return app
+def _dry_run(request: web.Request) -> bool:
+    return request.query.get("dry_run", "0").lower() in ("1", "true", "yes")
+
+
+@routes.get("/v1/images")
+async def list_images(request: web.Request) -> web.Response:
+    fields = await request.app[INVENTORY].status_fields()
+    extra = {k: fields[k] for k in ("volumes", "containers")}
+    return web.json_response({**fields["images"], **extra})
+
+
+@routes.post("/v1/images/evict")
+async def evict_images(request: web.Request) -> web.Response:
+    budget = request.query.get("budget_bytes")
+    if budget is not None and not budget.isdigit():
+        raise BadRequest("budget_bytes must be a whole number of bytes")
+    report = await request.app[INVENTORY].evict(
+        dry_run=_dry_run(request), budget_bytes=None if budget is None else int(budget)
+    )
+    return web.json_response(report.to_json())
+
+
+@routes.post("/v1/gc")
+async def collect_garbage(request: web.Request) -> web.Response:
+    report = await request.app[COLLECTOR].collect(dry_run=_dry_run(request))
+    return web.json_response(report.to_json())
+
+
+@routes.get("/metrics")
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    """Prometheus text. Reading it is a GET: anyone who may open the socket may
+    scrape it, like `GET /v1/status`."""
+    text = metrics.render(await metrics.collect(request.app[DAEMON]))
+    return web.Response(body=text.encode(), headers={"Content-Type": metrics.CONTENT_TYPE})

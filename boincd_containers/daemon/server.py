@@ -23,8 +23,8 @@ from boincd_containers.core.errors import BoincdError
 from boincd_containers.core.log import get_logger
 from boincd_containers.core.settings import Settings
 from boincd_containers.daemon import sdnotify
-from boincd_containers.daemon.routes import http_error_body, make_app
-from boincd_containers.daemon.service import Daemon
+from boincd_containers.daemon.app import Daemon, make_app
+from boincd_containers.daemon.routes import http_error_body
 
 log = get_logger(__name__)
 

@@ -3,7 +3,7 @@
 Everything engine-specific lives here: finding the engine, negotiating the API
 version, and translating engine errors into the daemon's exception family.
 Nothing else in the code imports aiodocker. Docker and Podman differ behind the
-same API (engine_compat.py says how): this class smooths them over, so the rest
+same API (engine/compat.py says how): this class smooths them over, so the rest
 of the daemon never asks which engine it has.
 """
 

@@ -1,6 +1,6 @@
 """How Docker and Podman differ behind the same Engine API, as pure functions.
 
-The adapter (engine.py) applies these; nothing else in the daemon needs to know
+The adapter (engine/adapter.py) applies these; nothing else in the daemon needs to know
 which engine it talks to. Measured on this project's hosts with Docker 20.10
 and Podman 4.3.1 (rootful and rootless, cgroup v1):
 

@@ -34,9 +34,8 @@ import contextlib
 import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-from aiohttp import web
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from boincd_containers.core import labels as L
 from boincd_containers.core.errors import BoincdError, NotFound, Unavailable
@@ -55,27 +54,42 @@ from boincd_containers.gc.policy import (
 from boincd_containers.tasks.registry import TaskRecord
 
 if TYPE_CHECKING:
-    from boincd_containers.daemon.service import Daemon
+    from boincd_containers.core.settings import Settings
     from boincd_containers.engine.adapter import Engine
     from boincd_containers.gc.inventory import Inventory
+    from boincd_containers.tasks.manager import TaskManager
+    from boincd_containers.tasks.registry import Registry
 
 log = get_logger(__name__)
 
 _ANONYMOUS_VOLUME = re.compile(r"[0-9a-f]{64}")
 
 
+class GpuReleaser(Protocol):
+    def release(self, result: str) -> None: ...
+
+
 # -- the collector ----------------------------------------------------------------------
 
 
 class Collector:
-    def __init__(self, daemon: Daemon, inventory: Inventory | None = None) -> None:
-        self.daemon = daemon
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        registry: Registry,
+        tasks: TaskManager,
+        gpus: GpuReleaser,
+        state_dir: Path,
+        inventory: Inventory | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.registry = registry
+        self.tasks = tasks
+        self.gpus = gpus
         self.inventory = inventory
-        self.settings = daemon.settings
-        self.engine = daemon.engine
-        self.registry = daemon.registry
-        self.tasks = daemon.tasks
-        self.leases = LeaseBook(daemon.state_dir / "leases.json")
+        self.leases = LeaseBook(state_dir / "leases.json")
         self._one_at_a_time = asyncio.Lock()
         # Container id -> (slot state, when first seen so): the grace counts from then.
         self._noticed: dict[str, tuple[SlotState, float]] = {}
@@ -196,7 +210,7 @@ class Collector:
             self._forget_task(result, cid)
 
     async def _stale_mounts(self) -> None:
-        """Unmount the mount points (mounts.py) of containers gone without us: a
+        """Unmount the mount points (host/mounts.py) of containers gone without us: a
         daemon killed mid-task, a container removed by hand. Kept while any
         container of that name exists, ours or not."""
         live = {
@@ -218,7 +232,7 @@ class Collector:
             del self.registry.tasks[result]
             record.state = "removed"
             record.notify()
-            self.daemon.gpus.release(result)
+            self.gpus.release(result)
             self.tasks.detached.discard(result)
         self._noticed.pop(container_id, None)
 
@@ -397,27 +411,3 @@ class _VolumeSizes:
     async def ref_count(self, name: str) -> int:
         count = (await self._load()).get(name, {}).get("RefCount")
         return int(count) if isinstance(count, int | float) and count > 0 else 0
-
-
-# -- the feature ------------------------------------------------------------------------
-
-COLLECTOR = web.AppKey("gc", Collector)
-
-
-async def _gc_route(request: web.Request) -> web.Response:
-    dry_run = request.query.get("dry_run", "0").lower() in ("1", "true", "yes")
-    report = await request.app[COLLECTOR].collect(dry_run=dry_run)
-    return web.json_response(report.to_json())
-
-
-def attach(daemon: Daemon, app: web.Application) -> None:
-    """Feature hook (api.FEATURES); after the image inventory's, whose eviction it runs."""
-    from boincd_containers.gc.inventory import INVENTORY
-
-    collector = Collector(daemon, app.get(INVENTORY))
-    app[COLLECTOR] = collector
-    app.router.add_post("/v1/gc", _gc_route)
-    daemon.registry.on_adopt.append(collector.leases.restore)
-    daemon.extra_status.append(collector)
-    daemon.loops.append(collector.run_periodically)
-    daemon.loops.append(collector.keep_leases)

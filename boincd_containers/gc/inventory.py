@@ -1,8 +1,8 @@
 """The image cache's disk: exact accounting, the budget, and eviction.
 
-A feature (api.FEATURES): `attach(daemon, app)` adds `GET /v1/images`,
-`POST /v1/images/evict`, the `images`, `volumes` and `containers` fields of
-`GET /v1/status`, and one background loop.
+It answers `GET /v1/images` and `POST /v1/images/evict` (daemon/routes.py),
+gives the `images`, `volumes` and `containers` fields of `GET /v1/status`, and
+runs one background loop (started by daemon/app.py).
 
 Accounting (accounting.DiskAccount) covers every image in the engine, ours or
 not, so `images.total_bytes` equals Docker's `/system/df` LayersSize to the
@@ -26,12 +26,10 @@ import os
 import shutil
 import time
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Any
-
-from aiohttp import web
+from typing import Any
 
 from boincd_containers.core import labels as L
-from boincd_containers.core.errors import BadRequest, BoincdError, NotFound, Unavailable
+from boincd_containers.core.errors import BoincdError, NotFound, Unavailable
 from boincd_containers.core.log import get_logger
 from boincd_containers.core.settings import Settings
 from boincd_containers.engine.adapter import Engine
@@ -44,9 +42,6 @@ from boincd_containers.images.accounting import (
 from boincd_containers.images.cache import ImageCache
 from boincd_containers.images.eviction import EvictionReport, plan_eviction
 from boincd_containers.tasks.registry import Registry, TaskRecord
-
-if TYPE_CHECKING:
-    from boincd_containers.daemon.service import Daemon
 
 log = get_logger(__name__)
 
@@ -186,11 +181,6 @@ class Inventory:
 
     def on_image_event(self, event: dict[str, Any]) -> None:
         self._dirty.set()
-
-    def hook_up(self) -> None:
-        """Hear of brought images (cache) and of our containers coming and going (registry)."""
-        self.images.on_change.append(self.wake_eviction)
-        self.registry.listeners.append(self.on_container_event)
 
     def wake_eviction(self) -> None:
         """An image was brought, or the disk filled up: check the budget now."""
@@ -479,7 +469,7 @@ class Inventory:
 
     # StatusProvider
     def task_fields(self, record: TaskRecord) -> dict[str, Any]:
-        return {}  # each task's own disk figures are limits.py's (`writable_bytes`...)
+        return {}  # each task's own disk figures are watch/limits.py's (`writable_bytes`...)
 
     async def status_fields(self) -> dict[str, Any]:
         totals = self.account.totals()
@@ -524,34 +514,3 @@ def _tree_size(path: str) -> int:
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_size
     return total
-
-
-INVENTORY = web.AppKey("inventory", Inventory)
-
-
-def attach(daemon: Daemon, app: web.Application) -> None:
-    """Feature hook (api.FEATURES)."""
-    # The cache reads the refresh interval here so that Daemon needs no change.
-    inventory = Inventory(daemon.engine, daemon.registry, daemon.images, daemon.settings)
-    inventory.hook_up()
-    daemon.extra_status.append(inventory)
-    daemon.loops.append(inventory.run)
-    app[INVENTORY] = inventory
-
-    async def get_images(request: web.Request) -> web.Response:
-        fields = await inventory.status_fields()
-        extra = {k: fields[k] for k in ("volumes", "containers")}
-        return web.json_response({**fields["images"], **extra})
-
-    async def post_evict(request: web.Request) -> web.Response:
-        dry_run = request.query.get("dry_run", "0").lower() in ("1", "true", "yes")
-        budget = request.query.get("budget_bytes")
-        if budget is not None and not budget.isdigit():
-            raise BadRequest("budget_bytes must be a whole number of bytes")
-        report = await inventory.evict(
-            dry_run=dry_run, budget_bytes=None if budget is None else int(budget)
-        )
-        return web.json_response(report.to_json())
-
-    app.router.add_get("/v1/images", get_images)
-    app.router.add_post("/v1/images/evict", post_evict)

@@ -1,4 +1,4 @@
-"""What garbage collection decides from, and what it reports (gc.py runs it).
+"""What garbage collection decides from, and what it reports (gc/collector.py runs it).
 
 Pure rules over facts (the slot dir BOINC keeps for a task, when a shim last
 asked about it) so that they can be read, and tested, on their own; and the

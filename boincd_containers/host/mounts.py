@@ -10,7 +10,7 @@ directory onto a path of its own; so do we:
     state_dir/mounts/<container name>/<n>   (root-owned, parents 0700)
 
 Each one is a non-recursive bind mount of ``/proc/self/fd/N``, N being the
-descriptor safepath.py opened and taskspec.check_paths checked, so it is the
+descriptor host/safepath.py opened and taskspec.check_paths checked, so it is the
 checked directory whatever happens to the path later, and nobody but root can
 change it. The engine's own bind of it is private to the container: unmounting
 ours later does not touch a running container, but a container started again

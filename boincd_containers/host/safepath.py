@@ -18,8 +18,8 @@ checked and used afterwards is the open file descriptor, never the string:
 - the caller decides with ``may_access`` what the slot's owner could do with
   what was opened, from the descriptor's ``fstat``, since root may do anything.
 
-mounts.py turns the opened directories into mount points the engine is given
-instead; image_sources.py builds contexts and images.py loads archives from
+host/mounts.py turns the opened directories into mount points the engine is given
+instead; images/sources.py builds contexts and images/cache.py loads archives from
 the descriptors.
 """
 

@@ -618,7 +618,7 @@ def _suspended(what: str) -> NetworkSuspended:
 
 
 class Archive:
-    """An image archive found in a slot or project dir, opened once (safepath.py):
+    """An image archive found in a slot or project dir, opened once (host/safepath.py):
     every read of it, the engine's load too, is of that very file."""
 
     def __init__(self, name: str, opened: Opened) -> None:

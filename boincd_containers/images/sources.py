@@ -142,7 +142,7 @@ def archive_image(source: Path | BinaryIO, name: str | None = None) -> tuple[str
 # The root daemon reads the slot for `docker build`, and the BOINC user may
 # change the slot meanwhile (links racing into it). So the context is read
 # from the slot's descriptor down, each directory and file opened relative to
-# its parent with O_NOFOLLOW (safepath.py): links, FIFOs, devices and sockets
+# its parent with O_NOFOLLOW (host/safepath.py): links, FIFOs, devices and sockets
 # are never opened and not part of the context; a file or directory its owner
 # could not read fails the build, since root could read it. The tar is made
 # by hand (tarfile's headers, our data), one piece at a time, so it is pulled

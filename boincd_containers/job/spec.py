@@ -46,7 +46,7 @@ class GpuRequest:
 class WebGraphicsRequest:
     # The container port serving the task's web graphics (job.toml
     # web_graphics_guest_port). The host side is always the daemon's: a port
-    # it binds on 127.0.0.1 only (webgraphics.py), never one a caller names.
+    # it binds on 127.0.0.1 only (watch/webgraphics.py), never one a caller names.
     guest_port: int
 
 
@@ -71,12 +71,12 @@ class TaskRequest:
     disk_bytes: int = 0
     gpu: GpuRequest | None = None
     env: dict[str, str] = field(default_factory=dict)
-    # None: the daemon's default (tasks.py: read-only where the task user is not
+    # None: the daemon's default (tasks/manager.py: read-only where the task user is not
     # root inside the container); job.toml's `read_only_root` decides otherwise.
     read_only_root: bool | None = None
     # False while BOINC has network activity suspended: no pull, wait instead.
     allow_fetch: bool = True
-    # The shim's own priority, which the client chose for the task (priority.py).
+    # The shim's own priority, which the client chose for the task (host/priority.py).
     priority: Priority | None = None
     web_graphics: WebGraphicsRequest | None = None
 
@@ -329,7 +329,7 @@ def _priority(body: dict[str, Any] | None) -> Priority | None:
 
 @dataclass(frozen=True, slots=True)
 class HostPaths:
-    """Where the engine finds each bind mount's source (mounts.py: mount points of
+    """Where the engine finds each bind mount's source (host/mounts.py: mount points of
     the daemon's own, or the checked paths), and the checked slot dir for labels."""
 
     slot: str
@@ -343,7 +343,7 @@ class HostPaths:
 class CheckedPaths:
     """What check_paths opened and checked. The container is made from these
     descriptors, never from the request's strings again: those the BOINC user can
-    re-point at any time (safepath.py). Close it when done."""
+    re-point at any time (host/safepath.py). Close it when done."""
 
     owner: Owner  # the slot's owner: the container runs as this uid:gid
     slot: Opened
@@ -389,7 +389,7 @@ def check_paths(request: TaskRequest, peer_uid: int) -> CheckedPaths:
 
     A non-root caller must own the slot (and project) dir: otherwise any user
     allowed on the socket could have the root daemon mount someone else's files.
-    Each path is opened once (safepath.py) and judged by its descriptor.
+    Each path is opened once (host/safepath.py) and judged by its descriptor.
     """
     slot = open_path(request.slot_dir, "slot dir")
     checked = CheckedPaths(Owner.of(slot.st.st_uid, slot.st.st_gid), slot)
@@ -558,7 +558,7 @@ def container_config(
     }
     if request.web_graphics is not None:
         # No port is published: the container keeps the network its job asked
-        # for (none by default); the daemon forwards to it (webgraphics.py).
+        # for (none by default); the daemon forwards to it (watch/webgraphics.py).
         task_labels[L.WEB_GRAPHICS_PORT] = str(request.web_graphics.guest_port)
         # A docker_wrapper app serves on port 80 with no capabilities: Docker lets
         # any user of a container's own network namespace bind low ports, Podman

@@ -47,7 +47,7 @@ from .initdata import InitData
 from .jobfile import JobSpec
 from .slotfiles import SMALL_FILE_MAX_BYTES, read_fraction_done, read_slot_file, regular_file_mtime
 
-IDLE_NICE = 19  # the client's idle priority: left out of its non-BOINC load (priority.py)
+IDLE_NICE = 19  # the client's idle priority: left out of its non-BOINC load (host/priority.py)
 
 TICK_S = 0.1
 STATUS_EVERY_S = 1.0

@@ -70,7 +70,7 @@ class TaskManager:
 
     @property
     def default_memory_bytes(self) -> int:
-        """The memory limit of a task without a bound of BOINC's (settings.py)."""
+        """The memory limit of a task without a bound of BOINC's (core/settings.py)."""
         if self.settings.default_memory_bytes is not None:
             return self.settings.default_memory_bytes
         return int(psutil.virtual_memory().total // 2)
@@ -184,7 +184,7 @@ class TaskManager:
         return None
 
     def _host_paths(self, request: TaskRequest, paths: CheckedPaths) -> HostPaths:
-        """Mount points of the checked descriptors (mounts.py): what the engine mounts."""
+        """Mount points of the checked descriptors (host/mounts.py): what the engine mounts."""
         entries = paths.entries(request)
         where = self.mounts.prepare(request.name, entries)
         project = where[1] if paths.project is not None and request.project_dir_mount else None

@@ -98,7 +98,7 @@ class TaskRecord:
     shim_priority: Priority | None = None
     created_priority: Priority | None = None
     # The container port its web graphics are served on (0: none); the host side
-    # is webgraphics.py's.
+    # is watch/webgraphics.py's.
     web_graphics_port: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 

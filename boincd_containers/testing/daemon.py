@@ -250,7 +250,7 @@ class DaemonProcess:
         self.release_mounts()
 
     def release_mounts(self) -> None:
-        """Unmount the daemon's task mount points (mounts.py): a killed daemon leaves
+        """Unmount the daemon's task mount points (host/mounts.py): a killed daemon leaves
         them, and removing the test dir would otherwise reach into the slots."""
         root = Path(self.state_dir) / "mounts"
         if root.is_dir() and os.geteuid() == 0:

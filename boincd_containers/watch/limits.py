@@ -37,15 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from boincd_containers.core.errors import BoincdError, NotFound, StateWriteError
 from boincd_containers.core.log import get_logger
 from boincd_containers.core.persist import write_json
 from boincd_containers.tasks.registry import TaskRecord
 
 if TYPE_CHECKING:
-    from boincd_containers.daemon.service import Daemon
     from boincd_containers.engine.adapter import Engine
     from boincd_containers.tasks.manager import TaskManager
     from boincd_containers.tasks.registry import Registry
@@ -410,14 +407,3 @@ class DiskLimits:
                 "total_bytes": sum(u.total_bytes for u in usages),
             }
         }
-
-
-LIMITS = web.AppKey("limits", DiskLimits)
-
-
-def attach(daemon: Daemon, app: web.Application) -> None:
-    """Feature hook (api.FEATURES): the measuring loop and the task/status fields."""
-    limits = DiskLimits(daemon.engine, daemon.registry, daemon.tasks, daemon.state_dir)
-    app[LIMITS] = limits
-    daemon.extra_status.append(limits)
-    daemon.loops.append(limits.run)

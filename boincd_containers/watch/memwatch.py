@@ -3,14 +3,14 @@
 Rootless engines on cgroup v1 cannot give a container a memory limit (the
 adapter then creates it without one and labels it `unenforced=memory`). For
 those tasks this loop does what the kernel would have done: it sums the
-resident memory of the container's processes (/proc, see proctree.py; the
+resident memory of the container's processes (/proc, see host/proctree.py; the
 cgroup they sit in is shared with the engine and other containers) and, past
 the task's `rsc_memory_bound`, kills the container. BOINC's client does the
 same for native apps from the same figure (the resident set of the app's
 processes).
 
 The reason goes into the disk-limit feature's record of exceeded limits
-(limits.py, kind "memory"), saved before the kill, so the task JSON carries
+(watch/limits.py, kind "memory"), saved before the kill, so the task JSON carries
 `limit_exceeded` and the shim fails the task with BOINC's own status for it
 (EXIT_MEM_LIMIT_EXCEEDED) and a message a volunteer understands.
 """
@@ -22,16 +22,13 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from boincd_containers.core.errors import BoincdError, StateWriteError
 from boincd_containers.core.log import get_logger
 from boincd_containers.host import proctree
 from boincd_containers.tasks.registry import TaskRecord
-from boincd_containers.watch.limits import LIMITS, ExceededLog
+from boincd_containers.watch.limits import ExceededLog
 
 if TYPE_CHECKING:
-    from boincd_containers.daemon.service import Daemon
     from boincd_containers.engine.adapter import Engine
     from boincd_containers.tasks.manager import TaskManager
     from boincd_containers.tasks.registry import Registry
@@ -134,11 +131,3 @@ class MemoryWatch:
 
     async def status_fields(self) -> dict[str, Any]:
         return {}
-
-
-def attach(daemon: Daemon, app: web.Application) -> None:
-    """Feature hook (api.FEATURES, after `limits`, whose record of exceeded limits
-    this shares so that one `limit_exceeded` field tells the shim either reason)."""
-    watch = MemoryWatch(daemon.engine, daemon.registry, daemon.tasks, app[LIMITS].exceeded)
-    daemon.extra_status.append(watch)
-    daemon.loops.append(lambda: watch.run(daemon.settings.sample_interval_s))

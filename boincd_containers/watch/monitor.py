@@ -140,7 +140,7 @@ class Monitor:
     def hold_priority(
         self, record: TaskRecord, stats: dict[int, proctree.ProcStat] | None = None
     ) -> None:
-        """Lower the container's threads to its task's priority (priority.py)."""
+        """Lower the container's threads to its task's priority (host/priority.py)."""
         wanted = record.priority
         if wanted is None or not record.pid or not record.container_id:
             return

@@ -1,4 +1,4 @@
-"""accounting.py against real engines: fed with Engine API data only, its total
+"""images/accounting.py against real engines: fed with Engine API data only, its total
 equals Docker's `/system/df` LayersSize to the byte, and each image's size and
 shared size equal df's, through builds (with empty and zero-size layers),
 imports, loads (with and without history) and removals. On Podman, whose df

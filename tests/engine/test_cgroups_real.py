@@ -1,4 +1,4 @@
-"""cgroups.py against real Docker containers: the figures move when the container
+"""host/cgroups.py against real Docker containers: the figures move when the container
 works, agree with the Engine API's own stats, and a stopped container reads as gone."""
 
 from __future__ import annotations

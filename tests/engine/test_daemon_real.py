@@ -79,7 +79,7 @@ def test_container_gets_limits_labels_mounts_and_user(
     assert labels[L.PROJECT] == PROJECT
     assert labels[L.SLOT] == str(slot.resolve())
     mounts = {m["Destination"]: m for m in data["Mounts"]}
-    # The daemon's own mount point of the checked slot (mounts.py), never the
+    # The daemon's own mount point of the checked slot (host/mounts.py), never the
     # BOINC user's path, which the engine would resolve again at start.
     source = mounts["/app"]["Source"]
     assert source.startswith(f"{daemon.state_dir}/mounts/"), source

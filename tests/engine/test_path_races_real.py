@@ -6,7 +6,7 @@ Real dockerd, daemon as root, slot owned by an unprivileged uid. A root-only
 (0700) directory holds a readable subdirectory with a readable file: the 0700
 directory is all that keeps the BOINC user from it, so any mount of the
 subdirectory (what the engine does when it follows a swapped-in link at start)
-hands it over. Every test here failed on the code before mounts.py/safepath.py.
+hands it over. Every test here failed on the code before host/mounts.py/safepath.py.
 """
 
 from __future__ import annotations

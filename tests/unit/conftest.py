@@ -1,4 +1,4 @@
-"""Unit tests run on a fake engine: no real bind mounts (mounts.py), which would
+"""Unit tests run on a fake engine: no real bind mounts (host/mounts.py), which would
 outlive the fake containers. The checked paths are given to the fake as they
 are, the daemon's mode without mount(2); tests/unit/test_safepath.py turns
 mounting on where it tests it."""

@@ -1,4 +1,4 @@
-"""cgroups.py against fake sysfs/proc trees: v1 (legacy, hybrid, co-mounted), v2, the
+"""host/cgroups.py against fake sysfs/proc trees: v1 (legacy, hybrid, co-mounted), v2, the
 Docker and Podman layouts, nested cgroup namespaces, and containers that went away."""
 
 from __future__ import annotations

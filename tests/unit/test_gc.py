@@ -16,7 +16,6 @@ import pytest
 from boincd_containers.core import labels as L
 from boincd_containers.core.errors import Conflict, NotFound, Unavailable
 from boincd_containers.core.settings import Settings
-from boincd_containers.daemon.service import Daemon
 from boincd_containers.engine.adapter import Engine
 from boincd_containers.gc.collector import Collector
 from boincd_containers.gc.policy import (
@@ -296,7 +295,9 @@ class Rig:
         self.tasks = TaskManager(self.settings, engine, self.registry, self.images)
         self.released: list[str] = []
         self.gpus = SimpleNamespace(release=self.released.append)
-        self.collector = Collector(cast(Daemon, self))
+        self.collector = Collector(
+            self.settings, engine, self.registry, self.tasks, self.gpus, self.state_dir
+        )
         self.clock = Clock()
         self.collector.clock = self.clock
 

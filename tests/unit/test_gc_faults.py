@@ -115,7 +115,7 @@ async def test_a_stop_signal_from_the_engine_makes_the_exit_an_interruption(
 async def test_the_daemons_own_sigkill_is_not_an_interruption(
     rig: Rig, tmp_path: Path, signal: str
 ) -> None:
-    """limits.py stops a task over its disk bound with SIGKILL: it must stay dead."""
+    """watch/limits.py stops a task over its disk bound with SIGKILL: it must stay dead."""
     record = await rig.running(slot_dir(tmp_path))
     await rig.registry.handle_event(kill_event(record, signal, record.started_at + 5))
     rig.engine.exit(record.container_id, 137)

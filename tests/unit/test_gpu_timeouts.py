@@ -15,7 +15,7 @@ import pytest
 
 from boincd_containers.core.errors import Unavailable
 from boincd_containers.core.settings import Settings
-from boincd_containers.daemon.service import Daemon
+from boincd_containers.daemon.app import Daemon
 from boincd_containers.engine.adapter import Engine
 from boincd_containers.host.gpu import GpuAllocator, GpuTimeout, TimedBackend
 from boincd_containers.host.gpu.fake import FakeGpuBackend
@@ -90,7 +90,7 @@ async def test_status_answers_with_the_last_known_cards_while_the_driver_hangs(
     daemon.gpus = GpuService(
         GpuAllocator(TimedBackend(fake, timeout_s=0.05)), daemon.registry, timeout_s=30
     )
-    daemon.extra_status = [daemon.monitor, daemon.gpus]
+    daemon.status_providers = [daemon.monitor, daemon.gpus]
     first = (await daemon.status())["gpus"]
     assert [d["uuid"] for d in first["devices"]] == [fake.uuid(0), fake.uuid(1)]
     assert first["errors"] == []

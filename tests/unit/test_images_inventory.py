@@ -36,7 +36,8 @@ class Rig:
         self.images = ImageCache(cast(Engine, engine), state, "me")
         self.tasks = TaskManager(settings, cast(Engine, engine), self.registry, self.images)
         self.inventory = Inventory(cast(Engine, engine), self.registry, self.images, settings)
-        self.inventory.hook_up()
+        self.images.on_change.append(self.inventory.wake_eviction)
+        self.registry.listeners.append(self.inventory.on_container_event)
 
     async def run_task(self, result: str, image: str) -> str:
         """A task whose container uses `image`; returns the image id."""

@@ -1,4 +1,4 @@
-"""The container's processes at the shim's priority: the daemon's side (priority.py)
+"""The container's processes at the shim's priority: the daemon's side (host/priority.py)
 on real processes of this host, and the shim's (what it asks, what it reports)."""
 
 from __future__ import annotations

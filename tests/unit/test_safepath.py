@@ -1,6 +1,6 @@
 """Paths a BOINC user gives the root daemon: each escape refused, each accepted
-path opened once (safepath.py), build contexts read with the owner's rights, and
-the daemon's own mount points (mounts.py, root only)."""
+path opened once (host/safepath.py), build contexts read with the owner's rights, and
+the daemon's own mount points (host/mounts.py, root only)."""
 
 from __future__ import annotations
 

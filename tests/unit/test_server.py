@@ -23,6 +23,7 @@ from aiohttp import web
 from boincd_containers.core.errors import BoincdError
 from boincd_containers.core.settings import Settings
 from boincd_containers.daemon import routes as api
+from boincd_containers.daemon.app import Daemon
 from boincd_containers.daemon.server import (
     JsonErrorHandler,
     SocketInUse,
@@ -30,7 +31,6 @@ from boincd_containers.daemon.server import (
     protocol_factory,
     secure_socket,
 )
-from boincd_containers.daemon.service import Daemon
 from boincd_containers.engine.adapter import Engine
 from boincd_containers.tasks.registry import TaskRecord
 

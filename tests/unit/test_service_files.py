@@ -79,7 +79,7 @@ MOUNT_NAMESPACE_OPTIONS = (
 
 
 def test_root_unit_lives_in_the_host_mount_namespace_and_may_mount() -> None:
-    """The root daemon's task mount points (mounts.py) must reach dockerd."""
+    """The root daemon's task mount points (host/mounts.py) must reach dockerd."""
     service = service_section(UNITS["boincd-containers.service"])
     assert [o for o in MOUNT_NAMESPACE_OPTIONS if o in service] == []
     assert "CAP_SYS_ADMIN" in service["CapabilityBoundingSet"].split()
@@ -132,7 +132,7 @@ def test_launchd_plist_keys() -> None:
 
 def test_rootful_unit_lets_web_graphics_enter_a_container_network_namespace() -> None:
     # setns(CLONE_NEWNET) needs CAP_SYS_ADMIN and a namespace filter that allows
-    # net (webgraphics.py); nothing else is widened.
+    # net (watch/webgraphics.py); nothing else is widened.
     text = UNITS["boincd-containers.service"]
     # systemd ORs repeated CapabilityBoundingSet= lines.
     caps = {
@@ -148,7 +148,7 @@ def test_rootful_unit_lets_web_graphics_enter_a_container_network_namespace() ->
         "CAP_FOWNER",
         "CAP_SYS_PTRACE",
         "CAP_SYS_ADMIN",
-        # setpriority/sched_setscheduler on a container's processes (priority.py)
+        # setpriority/sched_setscheduler on a container's processes (host/priority.py)
         "CAP_SYS_NICE",
     }
     assert service_section(text)["RestrictNamespaces"] == "net"

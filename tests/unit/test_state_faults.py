@@ -24,7 +24,7 @@ MiB = 1 << 20
 
 
 class StateDisk:
-    """Makes every fsync in persist.py fail as a full disk would, while `full`."""
+    """Makes every fsync in core/persist.py fail as a full disk would, while `full`."""
 
     def __init__(self) -> None:
         self.full = False

@@ -14,7 +14,7 @@ from aiohttp import web
 from boincd_containers.core import labels as L
 from boincd_containers.core.settings import Settings
 from boincd_containers.core.supervise import loop_name, supervise
-from boincd_containers.daemon.service import Daemon
+from boincd_containers.daemon.app import Daemon, component
 from boincd_containers.engine.adapter import Engine
 from boincd_containers.host.gpu import GpuAllocator
 from boincd_containers.host.gpu.fake import FakeGpuBackend
@@ -93,8 +93,7 @@ async def test_the_daemon_survives_a_crashing_monitor(tmp_path: Path) -> None:
             await asyncio.sleep(0.001)
 
     daemon.monitor.tick_yielding = broken_tick  # type: ignore[method-assign]
-    daemon.loops = [lambda: daemon.monitor.run(0.001), sibling]
-    lifecycle = daemon.lifecycle(web.Application())
+    lifecycle = component(lambda: daemon.monitor.run(0.001), sibling)(web.Application())
     await anext(lifecycle)
     try:
         await until(lambda: crashes >= 2)
