@@ -23,8 +23,6 @@ from boincd_containers.tasks.registry import Registry, TaskRecord
 
 log = get_logger(__name__)
 
-_TASKS_PER_SLICE = 4  # tasks sampled between two turns of the event loop
-
 
 @dataclass(frozen=True, slots=True)
 class Sample:
@@ -86,7 +84,16 @@ class Monitor:
     def sample(
         self, record: TaskRecord, stats: dict[int, proctree.ProcStat] | None = None
     ) -> Sample | None:
-        """Read one task's figures now; None when it has no live cgroup."""
+        """Read one task's figures now and keep them; None when it has no live cgroup."""
+        sample = self._measure(record, stats)
+        if sample is not None:
+            self.samples[record.result] = sample
+        return sample
+
+    def _measure(
+        self, record: TaskRecord, stats: dict[int, proctree.ProcStat] | None = None
+    ) -> Sample | None:
+        """Read one task's figures (files only: safe in a worker thread)."""
         if not record.pid or not record.container_id:
             return None
         if record.unenforced:
@@ -99,15 +106,15 @@ class Monitor:
         except CgroupError as exc:
             log.debug("cannot sample task", result=record.result, error=str(exc))
             return None
-        return self._keep(
+        return self._figures(
             record, cg.cpu_time_ns, cg.memory.usage_bytes, cg.memory.working_set_bytes, rx, tx
         )
 
-    def _keep(
+    def _figures(
         self, record: TaskRecord, cpu_ns: int, memory: int, wss: int, rx: int, tx: int
     ) -> Sample:
-        """Store one task's figures; network counters carry over a disconnect."""
-        sample = Sample(
+        """One task's figures; network counters carry over a disconnect."""
+        return Sample(
             at=time.time(),
             cpu_time_s=cpu_ns / 1e9,
             memory_bytes=memory,
@@ -119,8 +126,6 @@ class Monitor:
                 record.container_id, tx
             ),
         )
-        self.samples[record.result] = sample
-        return sample
 
     def _sample_processes(
         self, record: TaskRecord, stats: dict[int, proctree.ProcStat] | None = None
@@ -135,7 +140,7 @@ class Monitor:
             rx, tx = net_dev(record.pid)
         except CgroupError:
             rx = tx = 0
-        return self._keep(record, usage.cpu_time_ns, usage.rss_bytes, usage.rss_bytes, rx, tx)
+        return self._figures(record, usage.cpu_time_ns, usage.rss_bytes, usage.rss_bytes, rx, tx)
 
     def hold_priority(
         self, record: TaskRecord, stats: dict[int, proctree.ProcStat] | None = None
@@ -163,29 +168,33 @@ class Monitor:
             )
 
     def tick(self) -> None:
-        for record in self._live():
-            self._visit(record)
-        self._forget_gone()
+        self._store(self._visit_all(self._live()))
 
-    async def tick_yielding(self) -> None:
-        """The same tick, letting the loop answer requests between tasks: over many
-        tasks a tick takes milliseconds, and a status request that arrives meanwhile
-        should not wait for all of it."""
-        for n, record in enumerate(self._live(), start=1):
-            self._visit(record)
-            if n % _TASKS_PER_SLICE == 0:
-                await asyncio.sleep(0)
+    async def tick_in_thread(self) -> None:
+        """The same tick, its file reads and priority calls in a worker thread:
+        over many tasks they take milliseconds, which requests arriving meanwhile
+        should not wait for. The records to visit are chosen, and the figures
+        stored, on the event loop: the thread touches no shared dict."""
+        self._store(await asyncio.to_thread(self._visit_all, self._live()))
+
+    def _visit_all(self, records: list[TaskRecord]) -> list[tuple[str, Sample]]:
+        visited = ((record.result, self._visit(record)) for record in records)
+        return [(result, sample) for result, sample in visited if sample is not None]
+
+    def _store(self, fresh: list[tuple[str, Sample]]) -> None:
+        self.samples.update(fresh)
         self._forget_gone()
 
     def _live(self) -> list[TaskRecord]:
         return [r for r in self.registry.tasks.values() if r.state in ("running", "paused")]
 
-    def _visit(self, record: TaskRecord) -> None:
+    def _visit(self, record: TaskRecord) -> Sample | None:
         # A container without a cgroup of its own is seen through /proc: one scan
         # serves both its figures and its priority.
         stats = proctree.snapshot() if record.unenforced else None
-        self.sample(record, stats)
+        sample = self._measure(record, stats)
         self.hold_priority(record, stats)
+        return sample
 
     def _forget_gone(self) -> None:
         for result in list(self.samples):
@@ -198,7 +207,7 @@ class Monitor:
 
     async def run(self, interval_s: float) -> None:
         while True:
-            await self.tick_yielding()
+            await self.tick_in_thread()
             await asyncio.sleep(interval_s)
 
     def latest(self, result: str) -> Sample:

@@ -91,24 +91,29 @@ def test_last_figures_are_kept_after_exit_and_dropped_with_the_task() -> None:
     assert monitor.latest("r_1").rx_bytes == 0
 
 
-async def test_a_tick_over_many_tasks_lets_requests_in_between() -> None:
+async def test_a_tick_reads_in_a_thread_while_the_loop_answers_requests() -> None:
     import asyncio
+    import threading
 
     registry = Registry(cast(Engine, FakeEngine()), "me")
     for n in range(16):
         registry.tasks[f"r_{n}"] = TaskRecord(
             f"r_{n}", "proj", container_id=f"c{n}", state="running", pid=100 + n
         )
-    monitor = Monitor(registry, cast(CgroupReader, FakeReader()))
-    order: list[str] = []
+    answered = threading.Event()
 
-    async def request() -> None:
-        order.append(f"request after {len(monitor.samples)} samples")
+    class SlowReader(FakeReader):
+        def sample(self, container_id: str, pid: int) -> CgroupSample:
+            # Blocks until a request was answered: on the event loop this would
+            # never happen (the wait times out and the test fails).
+            assert answered.wait(timeout=5), "the tick held the event loop"
+            return super().sample(container_id, pid)
 
-    ticking = asyncio.ensure_future(monitor.tick_yielding())
-    await asyncio.sleep(0)
-    await request()  # arrives while the tick runs: served before its end
+    monitor = Monitor(registry, cast(CgroupReader, SlowReader()))
+    ticking = asyncio.ensure_future(monitor.tick_in_thread())
+    await asyncio.sleep(0.01)
+    assert monitor.samples == {}  # stored on the loop, all at once, after the reads
+    answered.set()  # a request served while the tick runs
     await ticking
-    assert order[0] != "request after 16 samples"
     assert len(monitor.samples) == 16
     assert monitor.ticks == 1

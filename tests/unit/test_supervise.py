@@ -92,7 +92,7 @@ async def test_the_daemon_survives_a_crashing_monitor(tmp_path: Path) -> None:
             ticks += 1
             await asyncio.sleep(0.001)
 
-    daemon.monitor.tick_yielding = broken_tick  # type: ignore[method-assign]
+    daemon.monitor.tick_in_thread = broken_tick  # type: ignore[method-assign]
     lifecycle = component(lambda: daemon.monitor.run(0.001), sibling)(web.Application())
     await anext(lifecycle)
     try:
