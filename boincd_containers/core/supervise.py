@@ -8,13 +8,14 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from boincd_containers.core.log import get_logger
 
 log = get_logger(__name__)
 
 LoopFactory = Callable[[], Coroutine[Any, Any, None]]
+T = TypeVar("T")
 
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 60.0
@@ -72,6 +73,37 @@ async def running(*loops: LoopFactory) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Background:
+    """The tasks a component starts on behalf of requests (a pull several tasks
+    wait for, a task's preparation), owned by the component and ended by its
+    close().
+
+    Not a TaskGroup either: these tasks fail on their own (each reports its
+    failure to whoever waits for it), and one failure must not cancel the
+    others. Holding them here also keeps them referenced: the event loop keeps
+    only weak references to tasks.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def close(self) -> None:
+        """Cancel every task still running and wait until each has ended."""
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

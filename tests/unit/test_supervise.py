@@ -13,7 +13,7 @@ from aiohttp import web
 
 from boincd_containers.core import labels as L
 from boincd_containers.core.settings import Settings
-from boincd_containers.core.supervise import loop_name, supervise
+from boincd_containers.core.supervise import Background, loop_name, running, supervise
 from boincd_containers.daemon.app import Daemon, component
 from boincd_containers.engine.adapter import Engine
 from boincd_containers.host.gpu import GpuAllocator
@@ -127,3 +127,47 @@ async def test_a_container_removed_behind_the_daemons_back_releases_its_gpu() ->
     assert record.state == "removed"
     assert gpus.allocator.get("r_gpu") is None
     assert gpus.allocator.allocated_units(backend.uuid(0)) == 0
+
+
+async def test_running_keeps_loops_alive_for_the_block_and_ends_them_after() -> None:
+    ticks = 0
+    crashes = 0
+
+    async def ticking() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    async def crashing() -> None:
+        nonlocal crashes
+        crashes += 1
+        raise ValueError("a bug")
+
+    before = asyncio.all_tasks()
+    async with running(ticking, crashing):
+        await until(lambda: ticks >= 3 and crashes >= 1)
+        started = asyncio.all_tasks() - before - {asyncio.current_task()}
+        assert len(started) == 2
+    assert all(task.done() for task in started)
+    seen = ticks
+    await asyncio.sleep(0.01)
+    assert ticks == seen, "a loop ran on after its block"
+
+
+async def test_background_tasks_fail_alone_and_close_cancels_the_rest() -> None:
+    background = Background()
+    forever = asyncio.Event()
+
+    async def fails() -> None:
+        raise ValueError("this one's own failure")
+
+    failing = background.spawn(fails())
+    waiting = background.spawn(forever.wait())
+    with pytest.raises(ValueError, match="own failure"):
+        await failing
+    assert not waiting.done(), "a sibling's failure cancelled nothing"
+    assert len(background) == 1
+    await background.close()
+    assert waiting.cancelled()
+    assert len(background) == 0
