@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from boincd_containers.core.log import get_logger
+from boincd_containers.core.log import get_logger, task_context
 from boincd_containers.host import priority, proctree
 from boincd_containers.host.cgroups import CgroupError, CgroupGone, CgroupReader, net_dev
 from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.state import LIVE_STATES, TaskKey
 
 log = get_logger(__name__)
 
@@ -77,11 +78,11 @@ class Monitor:
         self.registry = registry
         self.reader = reader or CgroupReader()
         # Kept after a container stops: its last figures are its final ones.
-        self.samples: dict[str, Sample] = {}
-        self._rx: dict[str, _NetCounter] = {}
-        self._tx: dict[str, _NetCounter] = {}
+        self.samples: dict[TaskKey, Sample] = {}
+        self._rx: dict[TaskKey, _NetCounter] = {}
+        self._tx: dict[TaskKey, _NetCounter] = {}
         self.ticks = 0
-        self._priority_denied: set[str] = set()  # results already logged
+        self._priority_denied: set[TaskKey] = set()  # tasks already logged
 
     def sample(
         self, record: TaskRecord, stats: dict[int, proctree.ProcStat] | None = None
@@ -97,7 +98,7 @@ class Monitor:
         except CgroupGone:
             return None
         except CgroupError as exc:
-            log.debug("cannot sample task", result=record.result, error=str(exc))
+            log.debug("cannot sample task", error=str(exc))
             return None
         return self._keep(
             record, cg.cpu_time_ns, cg.memory.usage_bytes, cg.memory.working_set_bytes, rx, tx
@@ -112,14 +113,10 @@ class Monitor:
             cpu_time_s=cpu_ns / 1e9,
             memory_bytes=memory,
             wss_bytes=wss,
-            rx_bytes=self._rx.setdefault(record.result, _NetCounter()).total(
-                record.container_id, rx
-            ),
-            tx_bytes=self._tx.setdefault(record.result, _NetCounter()).total(
-                record.container_id, tx
-            ),
+            rx_bytes=self._rx.setdefault(record.key, _NetCounter()).total(record.container_id, rx),
+            tx_bytes=self._tx.setdefault(record.key, _NetCounter()).total(record.container_id, tx),
         )
-        self.samples[record.result] = sample
+        self.samples[record.key] = sample
         return sample
 
     def _sample_processes(
@@ -153,13 +150,10 @@ class Monitor:
         except CgroupError:
             return
         held = priority.hold(tids, wanted)
-        if held.denied and record.result not in self._priority_denied:
-            self._priority_denied.add(record.result)
+        if held.denied and record.key not in self._priority_denied:
+            self._priority_denied.add(record.key)
             log.warning(
-                "cannot lower the container's priority",
-                result=record.result,
-                threads=held.denied,
-                nice=wanted.nice,
+                "cannot lower the container's priority", threads=held.denied, nice=wanted.nice
             )
 
     def tick(self) -> None:
@@ -178,22 +172,23 @@ class Monitor:
         self._forget_gone()
 
     def _live(self) -> list[TaskRecord]:
-        return [r for r in self.registry.tasks.values() if r.state in ("running", "paused")]
+        return [r for r in self.registry.tasks.values() if r.state in LIVE_STATES]
 
     def _visit(self, record: TaskRecord) -> None:
         # A container without a cgroup of its own is seen through /proc: one scan
         # serves both its figures and its priority.
         stats = proctree.snapshot() if record.unenforced else None
-        self.sample(record, stats)
-        self.hold_priority(record, stats)
+        with task_context(record.project, record.result):
+            self.sample(record, stats)
+            self.hold_priority(record, stats)
 
     def _forget_gone(self) -> None:
-        for result in list(self.samples):
-            if result not in self.registry.tasks:
-                del self.samples[result]
-                self._rx.pop(result, None)
-                self._tx.pop(result, None)
-                self._priority_denied.discard(result)
+        for key in list(self.samples):
+            if key not in self.registry.tasks:
+                del self.samples[key]
+                self._rx.pop(key, None)
+                self._tx.pop(key, None)
+                self._priority_denied.discard(key)
         self.ticks += 1
 
     async def run(self, interval_s: float) -> None:
@@ -201,12 +196,12 @@ class Monitor:
             await self.tick_yielding()
             await asyncio.sleep(interval_s)
 
-    def latest(self, result: str) -> Sample:
-        return self.samples.get(result, _EMPTY)
+    def latest(self, key: TaskKey) -> Sample:
+        return self.samples.get(key, _EMPTY)
 
     # StatusProvider
     def task_fields(self, record: TaskRecord) -> dict[str, Any]:
-        return self.latest(record.result).to_json()
+        return self.latest(record.key).to_json()
 
     async def status_fields(self) -> dict[str, Any]:
         return {}

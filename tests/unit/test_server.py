@@ -33,6 +33,7 @@ from boincd_containers.daemon.server import (
 from boincd_containers.daemon.service import Daemon
 from boincd_containers.engine.adapter import Engine
 from boincd_containers.tasks.registry import TaskRecord
+from boincd_containers.tasks.state import TaskState
 
 
 def test_parent_dir_is_created(short_tmp: Path) -> None:
@@ -214,7 +215,7 @@ async def test_a_wrong_method_is_a_json_405_with_allow(api_socket: tuple[str, Da
 async def test_logs_of_a_task_without_a_container_is_a_409(api_socket: tuple[str, Daemon]) -> None:
     # Before: the engine was asked for container "" and the answer was a 503.
     path, daemon = api_socket
-    daemon.registry.tasks["r_2"] = TaskRecord("r_2", "proj", state="failed")
+    daemon.registry.store.add(TaskRecord("r_2", "proj", state=TaskState.FAILED))
     data = b"GET /v1/tasks/r_2/logs HTTP/1.1\r\nHost: d\r\n\r\n"
     status, headers, body = await _raw(path, data)
     assert status == 409
@@ -311,7 +312,7 @@ async def test_only_the_tasks_own_side_renews_its_lease(
     os.chown(slot, boinc_uid, boinc_uid)
     daemon.writer_uids = frozenset({0, boinc_uid})
     record = TaskRecord("r_1", "proj", slot_dir=str(slot), state="created")
-    daemon.registry.tasks["r_1"] = record
+    daemon.registry.store.add(record)
 
     async def get_as(uid: int) -> None:
         record.last_seen = 1000.0
