@@ -365,3 +365,23 @@ def test_the_daemon_names_its_process_as_the_boinc_client_counts_its_own() -> No
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "boincd-containe"
     assert "boinc" in out.stdout.lower()
+
+
+async def test_a_result_two_projects_have_is_picked_by_project_or_is_a_409(
+    api_socket: tuple[str, Daemon],
+) -> None:
+    path, daemon = api_socket
+    daemon.registry.store.add(TaskRecord("r_9", "proj_a", state=TaskState.FAILED))
+    daemon.registry.store.add(TaskRecord("r_9", "proj_b", state=TaskState.WAITING))
+    for project, state in (("proj_a", "failed"), ("proj_b", "waiting")):
+        data = f"GET /v1/tasks/r_9?project={project} HTTP/1.1\r\nHost: d\r\n\r\n".encode()
+        status, _, body = await _raw(path, data)
+        assert status == 200
+        assert (json.loads(body)["project"], json.loads(body)["state"]) == (project, state)
+    status, headers, body = await _raw(path, b"GET /v1/tasks/r_9 HTTP/1.1\r\nHost: d\r\n\r\n")
+    error = _json_error(status, headers, body)
+    assert status == 409
+    assert error["code"] == "conflict"
+    assert "'proj_a'" in error["message"] and "'proj_b'" in error["message"]
+    data = b"GET /v1/tasks/r_9?project=proj_c HTTP/1.1\r\nHost: d\r\n\r\n"
+    assert (await _raw(path, data))[0] == 404
