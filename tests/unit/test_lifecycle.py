@@ -235,7 +235,8 @@ async def test_two_projects_tasks_of_the_same_result_run_at_once(rig: Rig, tmp_p
     # Without the project the name is ambiguous: a conflict that names both.
     with pytest.raises(Conflict) as info:
         rig.registry.get("r_same")
-    assert "'proj_a'" in info.value.message and "'proj_b'" in info.value.message
+    assert "'proj_a'" in info.value.message
+    assert "'proj_b'" in info.value.message
     assert not info.value.retryable
     with pytest.raises(Conflict):
         await rig.tasks.pause("r_same")

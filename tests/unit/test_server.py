@@ -382,6 +382,7 @@ async def test_a_result_two_projects_have_is_picked_by_project_or_is_a_409(
     error = _json_error(status, headers, body)
     assert status == 409
     assert error["code"] == "conflict"
-    assert "'proj_a'" in error["message"] and "'proj_b'" in error["message"]
+    assert "'proj_a'" in error["message"]
+    assert "'proj_b'" in error["message"]
     data = b"GET /v1/tasks/r_9?project=proj_c HTTP/1.1\r\nHost: d\r\n\r\n"
     assert (await _raw(path, data))[0] == 404
