@@ -152,18 +152,20 @@ async def _start_fleet(api: DaemonApi, slots: list[Slot], result: Result) -> lis
 def _tick_cost(tasks: list[dict[str, Any]], ticks: int) -> dict[str, Any]:
     """One Monitor.tick over the fleet, in this process: the daemon's 1 Hz work alone."""
     from boincd_containers.tasks.registry import TaskRecord
+    from boincd_containers.tasks.state import TaskState
     from boincd_containers.watch.monitor import Monitor
 
-    records = {
-        t["result"]: TaskRecord(
+    fleet = [
+        TaskRecord(
             t["result"],
             t["project"],
             container_id=t["container_id"],
-            state="running",
+            state=TaskState.RUNNING,
             pid=int(t["pid"]),
         )
         for t in tasks
-    }
+    ]
+    records = {r.key: r for r in fleet}
     monitor = Monitor(SimpleNamespace(tasks=records))  # type: ignore[arg-type]
     monitor.tick()  # resolves every cgroup once, as the daemon did long ago
     durations = []
@@ -171,7 +173,7 @@ def _tick_cost(tasks: list[dict[str, Any]], ticks: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         monitor.tick()
         durations.append((time.perf_counter() - t0) * 1e3)
-    sampled = sum(1 for r in records.values() if monitor.latest(r.result).at > 0)
+    sampled = sum(1 for r in records.values() if monitor.latest(r.key).at > 0)
     return {"tick_ms": summary(durations), "tasks": len(records), "sampled": sampled}
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import structlog
 
@@ -38,3 +40,12 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(name)
     return logger
+
+
+@contextmanager
+def task_context(project: str, result: str) -> Iterator[None]:
+    """Every log line within names the task (`project`, `result`), so its callers
+    need not: the keys live in structlog's contextvars for this asyncio task, and
+    in the tasks it starts meanwhile (they copy the context)."""
+    with structlog.contextvars.bound_contextvars(project=project, result=result):
+        yield

@@ -36,6 +36,7 @@ from boincd_containers.images.cache import ImageCache
 from boincd_containers.tasks.gpus import GpuService
 from boincd_containers.tasks.manager import TaskManager
 from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.store import TaskStore
 from boincd_containers.watch.limits import DiskLimits
 from boincd_containers.watch.memwatch import MemoryWatch
 from boincd_containers.watch.monitor import Monitor
@@ -109,7 +110,9 @@ class Daemon:
         self.writer_uids = writer_uids(settings.boinc_user)
 
         self.engine = engine or Engine(settings.docker_host, settings.engine_timeout_s)
-        self.registry = Registry(self.engine, self.instance_id)
+        # The only way a task record is added, changed or dropped.
+        self.store = TaskStore()
+        self.registry = Registry(self.engine, self.instance_id, self.store)
         self.images = ImageCache(
             self.engine,
             self.state_dir,
@@ -141,16 +144,15 @@ class Daemon:
             self.engine,
             self.registry,
             self.tasks,
-            self.gpus,
             self.state_dir,
             self.inventory,
         )
 
         # Hooks between components: the only place one learns of another's events.
         self.registry.on_connect.append(self.images.adopt_legacy_tags)
-        self.registry.on_adopt.append(self.gpus.restore)
-        self.registry.on_adopt.append(self.collector.leases.restore)
-        self.registry.on_drop.append(self.gpus.dropped)
+        self.store.on_adopt.append(self.gpus.restore)
+        self.store.on_adopt.append(self.collector.leases.restore)
+        self.store.on_drop.append(self.gpus.dropped)
         self.registry.listeners.append(self.inventory.on_container_event)
         self.images.on_change.append(self.inventory.wake_eviction)
 

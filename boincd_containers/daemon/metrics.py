@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from boincd_containers.core.errors import BoincdError
 from boincd_containers.core.log import get_logger
+from boincd_containers.tasks.state import TaskState
 
 if TYPE_CHECKING:
     from boincd_containers.daemon.app import Daemon
@@ -27,9 +28,9 @@ log = get_logger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# Every state a task record can be in (registry.TaskRecord.state): each is
-# reported, 0 included, so a state does not vanish from graphs when it empties.
-TASK_STATES = ("preparing", "waiting", "created", "running", "paused", "exited", "failed")
+# Every state a task record can be in (tasks/state.py): each is reported, 0
+# included, so a state does not vanish from graphs when it empties.
+TASK_STATES = tuple(TaskState)
 
 Kind = Literal["counter", "gauge", "untyped"]
 
@@ -184,7 +185,7 @@ def _task_families(daemon: Daemon) -> list[Family]:
             bound.add(fields["disk_bound_bytes"], **labels)
         # A task never sampled (still preparing, or never ran) has no figures:
         # a 0 would read as "used nothing", which is not known.
-        sample = samples.get(record.result)
+        sample = samples.get(record.key)
         if sample is None:
             continue
         cpu.add(sample.cpu_time_s, **labels)

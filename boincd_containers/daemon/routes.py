@@ -7,14 +7,13 @@ import contextlib
 import json
 import math
 import os
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from boincd_containers.core.errors import BadRequest, BoincdError, Conflict, Forbidden, NotFound
+from boincd_containers.core.errors import BadRequest, BoincdError, Conflict, Forbidden
 from boincd_containers.core.log import get_logger
 from boincd_containers.daemon import metrics
 from boincd_containers.daemon.keys import COLLECTOR, DAEMON, INVENTORY
@@ -23,7 +22,7 @@ from boincd_containers.engine.adapter import log_tail_lines
 from boincd_containers.job.spec import check_name, parse_request
 
 if TYPE_CHECKING:
-    from boincd_containers.daemon.app import Daemon
+    pass
 
 log = get_logger(__name__)
 
@@ -66,17 +65,6 @@ def _check_query(request: web.Request) -> None:
             raise BadRequest(f"query parameter {ascii(key)[:40]} is not a short ASCII value")
 
 
-def _check_project(daemon: Daemon, result: str, project: str | None) -> None:
-    """`?project=` on a task URL: the task of that result must be that project's.
-
-    Results are unique per project, not per host, and the daemon keeps one task
-    per result name: a shim naming its project never gets another project's
-    task (a 404 for it, as for a task that is not there)."""
-    record = daemon.registry.tasks.get(result)
-    if project is not None and record is not None and record.project != project:
-        raise NotFound(f"no task for result {result!r} of project {project!r}")
-
-
 # Dry runs change nothing: anyone allowed on the socket may ask for them.
 _DRY_RUN_PATHS = frozenset({"/v1/gc", "/v1/images/evict"})
 
@@ -101,7 +89,6 @@ async def errors_and_auth(
         result = request.match_info.get("result")
         if result is not None:
             check_name(result, "result")
-            _check_project(request.app[DAEMON], result, request.query.get("project"))
         if not _reads_only(request):
             allowed = request.app[DAEMON].writer_uids
             if peer.uid not in allowed:
@@ -246,15 +233,24 @@ async def create_task(request: web.Request) -> web.Response:
     return web.json_response(daemon.task_json(record), status=200)
 
 
+def _task_of(request: web.Request) -> tuple[str, str | None]:
+    """The task a URL names: its result, and `?project=` where given.
+
+    Results are unique per project, not per host: with the project the URL names
+    that project's task; without it, the one task of that result name (a 409 when
+    two projects have one; the shim always names its project)."""
+    return request.match_info["result"], request.query.get("project")
+
+
 @routes.get("/v1/tasks/{result}")
 async def get_task(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
-    record = daemon.registry.get(request.match_info["result"])
+    record = daemon.registry.get(*_task_of(request))
     # A shim polls its task here each second: that keeps its lease (gc/collector.py).
     # Only the task's own side renews it, so a reader polling cannot keep an
     # abandoned task's container alive.
     if _renews_lease(request[PEER].uid, daemon.writer_uids, record.slot_dir):
-        record.last_seen = time.time()
+        daemon.registry.store.touch(record)
     return web.json_response(daemon.task_json(record))
 
 
@@ -274,7 +270,8 @@ def _verb(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         daemon = request.app[DAEMON]
         method = getattr(daemon.tasks, name)
-        record = await method(request.match_info["result"])
+        result, project = _task_of(request)
+        record = await method(result, project)
         return web.json_response(daemon.task_json(record))
 
     return handler
@@ -293,7 +290,8 @@ async def set_network(request: web.Request) -> web.Response:
     connected = body.get("connected") if isinstance(body, dict) else None
     if not isinstance(connected, bool):
         raise BadRequest('body must be {"connected": true|false}')
-    record = await daemon.tasks.set_network(request.match_info["result"], connected)
+    result, project = _task_of(request)
+    record = await daemon.tasks.set_network(result, connected, project)
     return web.json_response(daemon.task_json(record))
 
 
@@ -307,14 +305,16 @@ async def wait_task(request: web.Request) -> web.Response:
     if not 0 <= timeout < math.inf:  # NaN too
         raise BadRequest("timeout must be a number of seconds, 0 or more")
     timeout = min(timeout, 300.0)
-    record = await daemon.tasks.wait(request.match_info["result"], timeout)
+    result, project = _task_of(request)
+    record = await daemon.tasks.wait(result, timeout, project)
     return web.json_response(daemon.task_json(record))
 
 
 @routes.delete("/v1/tasks/{result}")
 async def remove_task(request: web.Request) -> web.Response:
-    await request.app[DAEMON].tasks.remove(request.match_info["result"])
-    return web.json_response({"removed": request.match_info["result"]})
+    result, project = _task_of(request)
+    await request.app[DAEMON].tasks.remove(result, project)
+    return web.json_response({"removed": result})
 
 
 # A reader that stops reading must not hold a log reader's place (and its
@@ -327,7 +327,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     """The end of the task's output: `tail` lines (default 200; `all` or -1: as
     many as the cap allows), at most engine.LOG_BYTES_MAX bytes, streamed."""
     daemon = request.app[DAEMON]
-    record = daemon.registry.get(request.match_info["result"])
+    record = daemon.registry.get(*_task_of(request))
     try:
         tail = log_tail_lines(request.query.get("tail"))
     except ValueError:

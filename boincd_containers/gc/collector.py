@@ -35,7 +35,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from boincd_containers.core import labels as L
 from boincd_containers.core.errors import BoincdError, NotFound, Unavailable
@@ -52,6 +52,7 @@ from boincd_containers.gc.policy import (
     slot_state,
 )
 from boincd_containers.tasks.registry import TaskRecord
+from boincd_containers.tasks.state import UNPREPARED_STATES, TaskKey
 
 if TYPE_CHECKING:
     from boincd_containers.core.settings import Settings
@@ -65,10 +66,6 @@ log = get_logger(__name__)
 _ANONYMOUS_VOLUME = re.compile(r"[0-9a-f]{64}")
 
 
-class GpuReleaser(Protocol):
-    def release(self, result: str) -> None: ...
-
-
 # -- the collector ----------------------------------------------------------------------
 
 
@@ -79,7 +76,6 @@ class Collector:
         engine: Engine,
         registry: Registry,
         tasks: TaskManager,
-        gpus: GpuReleaser,
         state_dir: Path,
         inventory: Inventory | None = None,
     ) -> None:
@@ -87,9 +83,9 @@ class Collector:
         self.engine = engine
         self.registry = registry
         self.tasks = tasks
-        self.gpus = gpus
         self.inventory = inventory
-        self.leases = LeaseBook(state_dir / "leases.json")
+        self.store = registry.store
+        self.leases = LeaseBook(state_dir / "leases.json", self.store)
         self._one_at_a_time = asyncio.Lock()
         # Container id -> (slot state, when first seen so): the grace counts from then.
         self._noticed: dict[str, tuple[SlotState, float]] = {}
@@ -135,20 +131,21 @@ class Collector:
                 self.freed_total += report.freed_bytes
             return report
 
-    def _last_seen(self, result: str, container_id: str, now: float) -> float:
-        record = self.registry.tasks.get(result)
+    def _last_seen(self, key: TaskKey, container_id: str, now: float) -> float:
+        record = self.store.get(key)
         if record is not None and record.container_id == container_id:
             return record.last_seen
         # Not in the view (yet): the saved time, else "just now", the safe side.
-        return self.leases.seen.get(result, now)
+        saved = self.leases.saved(key)
+        return now if saved is None else saved
 
     def _facts(
-        self, data: dict[str, Any], result: str, now: float, dry_run: bool
+        self, data: dict[str, Any], key: TaskKey, now: float, dry_run: bool
     ) -> ContainerFacts:
         cid = str(data.get("Id", ""))
         labels = (data.get("Config") or {}).get("Labels") or {}
         slot_dir = str(labels.get(L.SLOT, ""))
-        state, other = slot_state(slot_dir, result)
+        state, other = slot_state(slot_dir, key.result)
         since = now
         if state in (SlotState.GONE, SlotState.OTHER, SlotState.EMPTY):
             noticed = self._noticed.get(cid)
@@ -162,7 +159,7 @@ class Collector:
             slot=state,
             slot_dir=slot_dir,
             other_result=other,
-            idle_s=now - self._last_seen(result, cid, now),
+            idle_s=now - self._last_seen(key, cid, now),
             slot_changed_for_s=now - since,
         )
 
@@ -170,13 +167,14 @@ class Collector:
         self, summary: dict[str, Any], labels: dict[str, str], report: GcReport, sizes: _VolumeSizes
     ) -> None:
         cid, result = str(summary["Id"]), labels[L.RESULT]
+        key = TaskKey(labels.get(L.PROJECT, ""), result)
         grace, lease = self.settings.gc_grace_s, self.settings.shim_lease_s
-        async with self.tasks.locked(result):
+        async with self.tasks.locked(key):
             try:
                 # Decided again under the lock, from the engine's current word.
                 data = await self.engine.inspect_container(cid)
                 reason = container_verdict(
-                    self._facts(data, result, self.clock(), report.dry_run), grace, lease
+                    self._facts(data, key, self.clock(), report.dry_run), grace, lease
                 )
                 if reason is None:
                     return
@@ -201,13 +199,13 @@ class Collector:
             await self.engine.remove_container(cid)
             self.tasks.release_mounts(name)
             report.removed.append(removal)
-            log.info("collected task container", result=result, container=cid[:12], reason=reason)
+            log.info("collected task container", container=cid[:12], reason=reason)
             for volume, vol_removal in zip(volumes, vol_removals, strict=True):
                 try:
                     await self.engine.inspect_volume(volume)
                 except NotFound:
                     report.removed.append(vol_removal)  # went with its container
-            self._forget_task(result, cid)
+            self._forget_task(key, cid)
 
     async def _stale_mounts(self) -> None:
         """Unmount the mount points (host/mounts.py) of containers gone without us: a
@@ -225,15 +223,12 @@ class Collector:
             "volume", volume, f"anonymous volume of container {container}", await sizes.get(volume)
         )
 
-    def _forget_task(self, result: str, container_id: str) -> None:
-        """What TaskManager.remove forgets, for a container removed here."""
-        record = self.registry.tasks.get(result)
+    def _forget_task(self, key: TaskKey, container_id: str) -> None:
+        """What TaskManager.remove forgets, for a container removed here: the store
+        drops the record, its on_drop hooks release its GPU share."""
+        record = self.store.get(key)
         if record is not None and record.container_id == container_id:
-            del self.registry.tasks[result]
-            record.state = "removed"
-            record.notify()
-            self.gpus.release(result)
-            self.tasks.detached.discard(result)
+            self.store.drop(record)
         self._noticed.pop(container_id, None)
 
     async def _volumes(self, report: GcReport, sizes: _VolumeSizes) -> None:
@@ -265,7 +260,8 @@ class Collector:
                 continue
             if await sizes.ref_count(name) > 0:
                 continue
-            result = (volume.get("Labels") or {}).get(L.RESULT, "")
+            volume_labels = volume.get("Labels") or {}
+            result = volume_labels.get(L.RESULT, "")
             removal = Removal(
                 "volume",
                 name,
@@ -276,7 +272,8 @@ class Collector:
             if report.dry_run:
                 report.removed.append(removal)
                 continue
-            lock = self.tasks.locked(result) if result else contextlib.nullcontext()
+            key = TaskKey(volume_labels.get(L.PROJECT, ""), result)
+            lock = self.tasks.locked(key) if result else contextlib.nullcontext()
             async with lock:
                 try:
                     await self.engine.remove_volume(name)
@@ -310,16 +307,14 @@ class Collector:
 
     async def _forget_failed(self, now: float) -> None:
         """Failed records whose shim went away: nothing in the engine, just memory."""
-        for result, record in list(self.registry.tasks.items()):
-            if record.container_id or record.state not in ("failed", "waiting"):
+        for record in self.store:
+            if record.container_id or record.state not in UNPREPARED_STATES:
                 continue
             if now - record.last_seen < self.settings.gc_grace_s:
                 continue
-            async with self.tasks.locked(result):
-                if self.registry.tasks.get(result) is record and not record.container_id:
-                    del self.registry.tasks[result]
-                    record.state = "removed"
-                    record.notify()
+            async with self.tasks.locked(record.key):
+                if self.store.current(record) and not record.container_id:
+                    self.store.drop(record)
 
     # -- loops ------------------------------------------------------------------
 
@@ -360,7 +355,7 @@ class Collector:
             self._save_leases()
 
     def _save_leases(self) -> None:
-        self.leases.update(self.registry.tasks, complete=self.registry.engine_error is None)
+        self.leases.update(self.store, complete=self.registry.engine_error is None)
         self.leases.save_if_changed()
 
     # -- StatusProvider -----------------------------------------------------------

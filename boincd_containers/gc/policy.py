@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +24,8 @@ from boincd_containers.core.errors import StateWriteError
 from boincd_containers.core.log import get_logger
 from boincd_containers.core.persist import write_json
 from boincd_containers.tasks.registry import TaskRecord
+from boincd_containers.tasks.state import TaskKey
+from boincd_containers.tasks.store import TaskStore
 
 log = get_logger(__name__)
 
@@ -175,10 +178,12 @@ class GcReport:
 
 
 class LeaseBook:
-    """When a shim last asked about each result, saved atomically in the state dir."""
+    """When a shim last asked about each task, saved atomically in the state dir:
+    by str(TaskKey), or by result alone as daemons before that key saved it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, store: TaskStore) -> None:
         self.path = path
+        self.store = store
         self.seen: dict[str, float] = {}
         self._saved: dict[str, float] = {}
         try:
@@ -189,15 +194,20 @@ class LeaseBook:
             pass  # none yet, or unreadable: every lease starts now (the safe side)
         self._saved = dict(self.seen)
 
+    def saved(self, key: TaskKey) -> float | None:
+        """The task's saved last-seen time, if any."""
+        saved = self.seen.get(str(key))
+        return self.seen.get(key.result) if saved is None else saved
+
     def restore(self, record: TaskRecord, labels: dict[str, str]) -> None:
         """Registry.on_adopt hook: an adopted task keeps its saved last-seen time."""
-        saved = self.seen.get(record.result)
+        saved = self.saved(record.key)
         if saved is not None and saved < record.last_seen:
-            record.last_seen = saved
+            self.store.touch(record, saved)
 
-    def update(self, records: dict[str, TaskRecord], complete: bool) -> None:
+    def update(self, records: Iterable[TaskRecord], complete: bool) -> None:
         """Take the records' times; `complete`: the records are all there is (drop the rest)."""
-        current = {r: rec.last_seen for r, rec in records.items() if rec.container_id}
+        current = {str(rec.key): rec.last_seen for rec in records if rec.container_id}
         if complete:
             self.seen = current
         else:

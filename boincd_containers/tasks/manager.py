@@ -1,7 +1,8 @@
-"""Task lifecycle, keyed by BOINC result name.
+"""Task lifecycle, keyed by (project, result).
 
-Every verb is idempotent and runs under the result's lock, so a shim that
+Every verb is idempotent and runs under the task's lock, so a shim that
 retries after a lost answer, an abort and the garbage collector never race.
+Records change only through the task store (store.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import psutil
 
 from boincd_containers.core import labels as L
 from boincd_containers.core.errors import BoincdError, Conflict, NotFound
-from boincd_containers.core.log import get_logger
+from boincd_containers.core.log import get_logger, task_context
 from boincd_containers.core.persist import PersistentSet
 from boincd_containers.core.settings import Settings
 from boincd_containers.engine.adapter import Engine
@@ -33,6 +34,7 @@ from boincd_containers.job.spec import (
     container_config,
 )
 from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.state import UNPREPARED_STATES, TaskKey, TaskState
 
 if TYPE_CHECKING:
     from boincd_containers.tasks.gpus import GpuService
@@ -62,11 +64,13 @@ class TaskManager:
         self.registry = registry
         self.images = images
         self.gpus = gpus
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._preparing: dict[str, asyncio.Task[None]] = {}
+        self.store = registry.store
+        self._locks: defaultdict[TaskKey, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._preparing: dict[TaskKey, asyncio.Task[None]] = {}
+        # Tasks whose shim quit and left the container paused (store.set_detached).
         self.detached = PersistentSet(Path(settings.state_dir) / "detached.json")
         self.mounts = MountTable(Path(settings.state_dir))
-        registry.detached = self.detached
+        self.store.detached_marks = self.detached
 
     @property
     def default_memory_bytes(self) -> int:
@@ -90,9 +94,18 @@ class TaskManager:
         return uid != 0 and not rootless
 
     @asynccontextmanager
-    async def locked(self, result: str) -> AsyncIterator[None]:
-        async with self._locks[result]:
-            yield
+    async def locked(self, key: TaskKey) -> AsyncIterator[None]:
+        """The task's lock; within it, every log line names the task."""
+        with task_context(key.project, key.result):
+            async with self._locks[key]:
+                yield
+
+    def key(self, result: str, project: str | None = None) -> TaskKey:
+        """The task a request names: (project, result), or without the project the
+        one task of that result (NotFound, or a Conflict when two projects have one)."""
+        if project is not None:
+            return TaskKey(project, result)
+        return self.store.find(result).key
 
     # -- create-or-attach -------------------------------------------------------
 
@@ -111,24 +124,17 @@ class TaskManager:
             raise
 
     async def _create_or_attach(self, request: TaskRequest, paths: CheckedPaths) -> TaskRecord:
-        async with self.locked(request.result):
-            record = self.registry.tasks.get(request.result)
-            if record is not None and record.project != request.project:
-                # One task per result name for now: the other project's task is not
-                # this one. Retryable: this one can run once that one is done.
-                raise Conflict(
-                    f"result {request.result!r} is already a task of project "
-                    f"{record.project!r}; this task of project {request.project!r} waits",
-                    retryable=True,
-                )
-            if record is not None and record.state not in ("failed", "waiting"):
-                record.last_seen = time.time()
-                record.shim_priority = request.priority or record.shim_priority
+        key = TaskKey(request.project, request.result)
+        async with self.locked(key):
+            record = self.store.get(key)
+            if record is not None and record.state not in UNPREPARED_STATES:
+                self.store.touch(record)
+                self.store.set_shim_priority(record, request.priority or record.shim_priority)
                 paths.close()
                 return record
             existing = await self._find_by_name(request)
             if existing is not None:
-                existing.shim_priority = request.priority
+                self.store.set_shim_priority(existing, request.priority)
                 paths.close()
                 return existing
             record = TaskRecord(
@@ -137,10 +143,10 @@ class TaskManager:
                 slot_dir=request.slot_dir,
                 shim_priority=request.priority,
             )
-            self.registry.tasks[request.result] = record
+            self.store.add(record)
             task = asyncio.ensure_future(self._prepare(record, request, paths))
-            self._preparing[request.result] = task
-            task.add_done_callback(lambda _: self._preparing.pop(request.result, None))
+            self._preparing[key] = task
+            task.add_done_callback(lambda _: self._preparing.pop(key, None))
             # Also when cancelled before it ran (an abort at once): its finally never ran.
             task.add_done_callback(lambda _: self._prepared(request.name, paths))
             return record
@@ -168,7 +174,7 @@ class TaskManager:
             data = await self.registry.rename_legacy(data, request.project, request.result)
         record = TaskRecord(labels.get(L.RESULT, ""), labels.get(L.PROJECT, ""))
         self.registry.apply(record, data)
-        self.registry.tasks[record.result] = record
+        self.store.add(record)
         return record
 
     async def _created_meanwhile(self, request: TaskRequest) -> str | None:
@@ -198,7 +204,7 @@ class TaskManager:
 
     async def _prepare(self, record: TaskRecord, request: TaskRequest, paths: CheckedPaths) -> None:
         def progress(text: str) -> None:
-            record.progress = text
+            self.store.set_progress(record, text)
 
         try:
             image = await self.images.ensure(request, progress, paths=paths)
@@ -220,7 +226,7 @@ class TaskManager:
             if self.gpus is not None:
                 kind = self.engine.info.kind if self.engine.info else "docker"
                 config = await self.gpus.apply(request, config, kind)
-            async with self.locked(request.result):
+            async with self.locked(record.key):
                 try:
                     container_id = await self.engine.create_container(request.name, config)
                 except Conflict:
@@ -228,26 +234,24 @@ class TaskManager:
                     if adopted is None:
                         raise
                     container_id = adopted
-                record.container_id = container_id
-                record.progress = ""
+                self.store.set_container(record, container_id)
+                self.store.set_progress(record, "")
                 await self.registry.refresh(record)
-                log.info(
-                    "task container created", result=request.result, container=container_id[:12]
-                )
+                log.info("task container created", container=container_id[:12])
         except BoincdError as exc:
             # "waiting": a retryable cause (network off, GPU busy, engine down);
             # the next create-or-attach prepares it again.
-            record.state, record.error = ("waiting" if exc.retryable else "failed"), exc
             if self.gpus is not None:
                 self.gpus.release(request.result)
-            log.warning("task preparation failed", result=request.result, error=exc.message)
-            record.notify()
+            log.warning("task preparation failed", error=exc.message)
+            state = TaskState.WAITING if exc.retryable else TaskState.FAILED
+            self.store.set_state(record, state, exc)
         except Exception as exc:  # a bug: report it on the task instead of losing it
-            record.state, record.error = "failed", BoincdError(f"internal error: {exc!r}")
             if self.gpus is not None:
                 self.gpus.release(request.result)
-            log.error("task preparation crashed", result=request.result, exc_info=exc)
-            record.notify()
+            log.error("task preparation crashed", exc_info=exc)
+            error = BoincdError(f"internal error: {exc!r}")
+            self.store.set_state(record, TaskState.FAILED, error)
         finally:
             # The container (if any) pins the image from now on.
             self.images.release(request.result)
@@ -268,39 +272,41 @@ class TaskManager:
 
     # -- verbs ------------------------------------------------------------------
 
-    def _ready(self, result: str) -> TaskRecord:
-        record = self.registry.get(result)
-        if record.state in ("failed", "waiting") and record.error is not None:
+    def _ready(self, key: TaskKey) -> TaskRecord:
+        record = self.store.get(key)
+        if record is None:
+            raise NotFound(f"no task for result {key.result!r} of project {key.project!r}")
+        if record.state in UNPREPARED_STATES and record.error is not None:
             raise record.error
-        if record.state == "preparing" or not record.container_id:
+        if record.state == TaskState.PREPARING or not record.container_id:
             raise Conflict(
-                f"task {result} is still being prepared ({record.progress or 'waiting'})",
+                f"task {key.result} is still being prepared ({record.progress or 'waiting'})",
                 retryable=True,
             )
-        record.last_seen = time.time()
+        self.store.touch(record)
         return record
 
-    async def start(self, result: str) -> TaskRecord:
+    async def start(self, result: str, project: str | None = None) -> TaskRecord:
         """Run the container: start it, unpause it, or restart it after a host reboot."""
-        async with self.locked(result):
-            record = self._ready(result)
+        key = self.key(result, project)
+        async with self.locked(key):
+            record = self._ready(key)
             await self.registry.refresh(record)
-            if record.state == "created" or record.interrupted:
+            if record.state == TaskState.CREATED or record.interrupted:
                 if record.interrupted:
                     log.info(
                         "restarting an interrupted task",
-                        result=result,
                         reboot=record.interrupted_by_reboot,
                         engine_restart=record.interrupted_by_engine_restart,
                         killed_while_detached=record.killed_while_detached,
                     )
                 await self._ensure_mounts(record)
                 await self.engine.start_container(record.container_id)
-                self.detached.discard(result)
-            elif record.state == "paused":
+                self.store.clear_detached(key)
+            elif record.state == TaskState.PAUSED:
                 await self.engine.unpause_container(record.container_id)
             await self.registry.refresh(record)
-            if self.on_start is not None and record.state == "running":
+            if self.on_start is not None and record.state == TaskState.RUNNING:
                 self.on_start(record)
             return record
 
@@ -310,39 +316,44 @@ class TaskManager:
         name = str(data.get("Name") or "").lstrip("/")
         self.mounts.ensure(name, data)
 
-    async def pause(self, result: str) -> TaskRecord:
-        async with self.locked(result):
-            record = self._ready(result)
-            if record.state == "running":
+    async def pause(self, result: str, project: str | None = None) -> TaskRecord:
+        key = self.key(result, project)
+        async with self.locked(key):
+            record = self._ready(key)
+            if record.state == TaskState.RUNNING:
                 await self.engine.pause_container(record.container_id)
             return await self.registry.refresh(record)
 
-    async def detach(self, result: str) -> TaskRecord:
+    async def detach(self, result: str, project: str | None = None) -> TaskRecord:
         """The shim quits: leave the container paused for the next shim, and remember
         it, so that a kill by the client's cleanup is told from the app's own exit."""
-        async with self.locked(result):
-            record = self._ready(result)
+        key = self.key(result, project)
+        async with self.locked(key):
+            record = self._ready(key)
             # Pause first: a state disk that refuses the mark must not leave the
             # container running. The mark is kept in memory all the same (the
             # StateWriteError that follows is retryable and undoes nothing).
-            if record.state == "running":
+            if record.state == TaskState.RUNNING:
                 await self.engine.pause_container(record.container_id)
             await self.registry.refresh(record)
-            record.detached = True
-            self.detached.add(result)
+            self.store.set_detached(record)
             return record
 
-    async def resume(self, result: str) -> TaskRecord:
-        async with self.locked(result):
-            record = self._ready(result)
-            if record.state == "paused":
+    async def resume(self, result: str, project: str | None = None) -> TaskRecord:
+        key = self.key(result, project)
+        async with self.locked(key):
+            record = self._ready(key)
+            if record.state == TaskState.PAUSED:
                 await self.engine.unpause_container(record.container_id)
             return await self.registry.refresh(record)
 
-    async def set_network(self, result: str, connected: bool) -> TaskRecord:
+    async def set_network(
+        self, result: str, connected: bool, project: str | None = None
+    ) -> TaskRecord:
         """Follow BOINC's network switch; a job without network stays at "none"."""
-        async with self.locked(result):
-            record = self._ready(result)
+        key = self.key(result, project)
+        async with self.locked(key):
+            record = self._ready(key)
             if not record.network:
                 raise Conflict(
                     f"task {result} has no network to connect or disconnect: its job did "
@@ -366,33 +377,36 @@ class TaskManager:
             return self.settings.network_name
         return mode
 
-    async def remove(self, result: str) -> None:
+    async def remove(self, result: str, project: str | None = None) -> None:
         """Kill and remove the container with its volumes; already gone is fine."""
-        async with self.locked(result):
-            task = self._preparing.get(result)
+        try:
+            key = self.key(result, project)
+        except NotFound:
+            key = TaskKey("", result)  # no such task: nothing to remove but leftovers
+        async with self.locked(key):
+            task = self._preparing.get(key)
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-            record = self.registry.tasks.pop(result, None)
+            record = self.store.get(key)
             if record is not None and record.container_id:
                 await self.engine.remove_container(record.container_id)
                 self.release_mounts(L.container_name(record.project, record.result))
-            if self.gpus is not None:
-                self.gpus.release(result)
             if record is not None:
-                record.state = "removed"
-                record.notify()
-            log.info("task removed", result=result)
-            self.detached.discard(result)  # last: a refused save undoes nothing above
+                self.store.drop(record)  # its on_drop hooks release its GPU share
+            elif self.gpus is not None:
+                self.gpus.release(result)
+            log.info("task removed")
+            self.store.clear_detached(key)  # last: a refused save undoes nothing above
 
-    async def wait(self, result: str, timeout_s: float) -> TaskRecord:
+    async def wait(self, result: str, timeout_s: float, project: str | None = None) -> TaskRecord:
         """Return when the task is neither running nor being prepared, or at the timeout.
 
         Engine events normally wake us; the periodic inspect is for lost events.
         """
-        record = self.registry.get(result)
+        record = self.registry.get(result, project)
         deadline = time.monotonic() + timeout_s
-        while record.state in ("preparing", "running"):
+        while record.state in (TaskState.PREPARING, TaskState.RUNNING):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -401,7 +415,7 @@ class TaskManager:
             except TimeoutError:
                 if record.container_id:
                     await self.registry.refresh(record)
-        record.last_seen = time.time()
+        self.store.touch(record)
         return record
 
     async def close(self) -> None:

@@ -28,7 +28,6 @@ in between still tells the shim why its container died.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import stat
@@ -41,6 +40,8 @@ from boincd_containers.core.errors import BoincdError, NotFound, StateWriteError
 from boincd_containers.core.log import get_logger
 from boincd_containers.core.persist import write_json
 from boincd_containers.tasks.registry import TaskRecord
+from boincd_containers.tasks.state import LIVE_STATES, TaskKey, TaskState
+from boincd_containers.watch.enforce import Exceeded, stop_for_limit
 
 if TYPE_CHECKING:
     from boincd_containers.engine.adapter import Engine
@@ -56,7 +57,7 @@ DISK_INTERVAL_S = 10.0
 # waits 40 s before the next.
 MAX_DUTY = 0.05
 STATE_FILE = "limits.json"
-_MEASURED_STATES = ("running", "paused", "created", "exited")
+_MEASURED_STATES = (TaskState.RUNNING, TaskState.PAUSED, TaskState.CREATED, TaskState.EXITED)
 
 
 def tree_bytes(root: str) -> int | None:
@@ -159,7 +160,10 @@ class _Layout:
 
 
 class ExceededLog:
-    """result → what it exceeded, saved as JSON on every change (write, fsync, rename)."""
+    """task → what it exceeded, saved as JSON on every change (write, fsync, rename).
+
+    Keyed by str(TaskKey); entries a daemon saved before that key are keyed by
+    result alone, and still read (each names its container)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -173,22 +177,24 @@ class ExceededLog:
             else {}
         )
 
-    def get(self, result: str, container_id: str) -> dict[str, Any] | None:
-        """The entry for this container of the result (a new container starts clean)."""
-        item = self._items.get(result)
+    def get(self, key: TaskKey, container_id: str) -> dict[str, Any] | None:
+        """The entry for this container of the task (a new container starts clean)."""
+        item = self._items.get(str(key)) or self._items.get(key.result)
         if item is None or item.get("container_id") != container_id:
             return None
         return item
 
     def results(self) -> list[str]:
+        """The tasks of the entries, as saved: str(TaskKey), or a result (older entries)."""
         return list(self._items)
 
-    def set(self, result: str, item: dict[str, Any]) -> None:
-        self._items[result] = item
+    def set(self, key: TaskKey, item: dict[str, Any]) -> None:
+        self._items[str(key)] = item
+        self._items.pop(key.result, None)
         self._save()
 
-    def discard(self, result: str) -> None:
-        if self._items.pop(result, None) is not None:
+    def discard(self, name: str) -> None:
+        if self._items.pop(name, None) is not None:
             self._save()
 
     def _save(self) -> None:
@@ -215,7 +221,7 @@ class DiskLimits:
         self.registry = registry
         self.tasks = tasks
         self.interval_s = interval_s
-        self.usage: dict[str, DiskUsage] = {}
+        self.usage: dict[TaskKey, DiskUsage] = {}
         self.exceeded = ExceededLog(state_dir / STATE_FILE)
         self._layouts: dict[str, _Layout] = {}
         self.passes = 0
@@ -239,9 +245,9 @@ class DiskLimits:
         for record in list(self.registry.tasks.values()):
             if not record.container_id or record.state not in _MEASURED_STATES:
                 continue
-            last = self.usage.get(record.result)
+            last = self.usage.get(record.key)
             if (
-                record.state not in ("running", "paused")
+                record.state not in LIVE_STATES
                 and last is not None
                 and (last.container_id, last.state) == (record.container_id, record.state)
             ):
@@ -250,16 +256,16 @@ class DiskLimits:
                 usage = await self.measure(record)
             except NotFound:
                 continue  # removed meanwhile: the registry drops it on its event
-            self.usage[record.result] = usage
+            self.usage[record.key] = usage
             await self.enforce(record, usage)
         self._forget_gone()
         self.passes += 1
 
     def _forget_gone(self) -> None:
         live = self.registry.tasks
-        for result in list(self.usage):
-            if result not in live:
-                del self.usage[result]
+        for key in list(self.usage):
+            if key not in live:
+                del self.usage[key]
         ids = {r.container_id for r in live.values()}
         for cid in list(self._layouts):
             if cid not in ids:
@@ -267,9 +273,10 @@ class DiskLimits:
         # Only against a complete view: right after a start the registry has
         # not listed the engine yet and would look empty.
         if self.registry.engine_error is None:
-            for result in self.exceeded.results():
-                if result not in live:
-                    self.exceeded.discard(result)
+            names = {str(k) for k in live} | {k.result for k in live}
+            for name in self.exceeded.results():
+                if name not in names:
+                    self.exceeded.discard(name)
 
     # -- measuring ---------------------------------------------------------------
 
@@ -333,51 +340,36 @@ class DiskLimits:
 
     async def enforce(self, record: TaskRecord, usage: DiskUsage) -> None:
         bound = record.disk_bound
-        if bound <= 0 or usage.total_bytes <= bound or record.state != "running":
+        if bound <= 0 or usage.total_bytes <= bound or record.state != TaskState.RUNNING:
             return
-        async with self.tasks.locked(record.result):
+
+        def still_over(record: TaskRecord) -> bool:
             # The task may have moved on while we walked its files.
-            if record.state != "running" or record.container_id != usage.container_id:
-                return
-            message = f"disk limit exceeded: {usage.total_bytes} bytes of {bound}"
-            # Saved before the kill: a crash in between must not lose the reason.
-            self.exceeded.set(
-                record.result,
+            return record.state == TaskState.RUNNING and record.container_id == usage.container_id
+
+        def exceeded(record: TaskRecord) -> Exceeded:
+            return Exceeded(
+                "disk",
+                f"disk limit exceeded: {usage.total_bytes} bytes of {bound}",
+                usage.total_bytes,
+                bound,
+                usage.at,
                 {
-                    "kind": "disk",
-                    "message": message,
-                    "container_id": usage.container_id,
-                    "used_bytes": usage.total_bytes,
-                    "bound_bytes": bound,
                     "writable_bytes": usage.writable_bytes,
                     "volume_bytes": usage.volume_bytes,
                     "slot_bytes": usage.slot_bytes,
                     "log_bytes": usage.log_bytes,
-                    "at": usage.at,
                 },
             )
-            # A SIGKILLed container of a detached task reads as the client's
-            # cleanup, which the daemon restarts; this one must stay dead. A state
-            # disk that refuses the save keeps it in memory: the kill goes on.
-            with contextlib.suppress(StateWriteError):
-                self.tasks.detached.discard(record.result)
-            log.warning(
-                "stopping a task past its disk bound",
-                result=record.result,
-                used_bytes=usage.total_bytes,
-                bound_bytes=bound,
-                writable_bytes=usage.writable_bytes,
-                slot_bytes=usage.slot_bytes,
-                volume_bytes=usage.volume_bytes,
-                log_bytes=usage.log_bytes,
-            )
-            await self.engine.kill_container(record.container_id)
-            await self.registry.refresh(record)
+
+        await stop_for_limit(
+            self.engine, self.registry, self.tasks, self.exceeded, record, still_over, exceeded
+        )
 
     # -- StatusProvider ------------------------------------------------------------
 
     def task_fields(self, record: TaskRecord) -> dict[str, Any]:
-        usage = self.usage.get(record.result)
+        usage = self.usage.get(record.key)
         fields: dict[str, Any] = {
             "writable_bytes": None,
             "volume_bytes": None,
@@ -389,7 +381,7 @@ class DiskLimits:
         if usage is not None and usage.container_id == record.container_id:
             fields.update(usage.to_json())
         fields["disk_bound_bytes"] = record.disk_bound or None
-        exceeded = self.exceeded.get(record.result, record.container_id)
+        exceeded = self.exceeded.get(record.key, record.container_id)
         fields["limit_exceeded"] = (
             None if exceeded is None else {k: v for k, v in exceeded.items() if k != "container_id"}
         )

@@ -18,14 +18,15 @@ The reason goes into the disk-limit feature's record of exceeded limits
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from boincd_containers.core.errors import BoincdError, StateWriteError
+from boincd_containers.core.errors import BoincdError
 from boincd_containers.core.log import get_logger
 from boincd_containers.host import proctree
 from boincd_containers.tasks.registry import TaskRecord
+from boincd_containers.tasks.state import TaskKey, TaskState
+from boincd_containers.watch.enforce import Exceeded, stop_for_limit
 from boincd_containers.watch.limits import ExceededLog
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ MIB = 1024 * 1024
 def watched(record: TaskRecord) -> bool:
     """A running task whose memory bound nobody else enforces."""
     return (
-        record.state == "running"
+        record.state == TaskState.RUNNING
         and record.pid > 0
         and record.memory_bound > 0
         and "memory" in record.unenforced
@@ -61,7 +62,7 @@ class MemoryWatch:
         self.tasks = tasks
         self.exceeded = exceeded
         self.proc_root = proc_root
-        self.rss: dict[str, int] = {}  # last resident bytes of each watched task
+        self.rss: dict[TaskKey, int] = {}  # last resident bytes of each watched task
 
     async def run(self, interval_s: float) -> None:
         while True:
@@ -75,7 +76,7 @@ class MemoryWatch:
 
     async def check_all(self) -> None:
         records = [r for r in self.registry.tasks.values() if watched(r)]
-        self.rss = {r: v for r, v in self.rss.items() if r in self.registry.tasks}
+        self.rss = {k: v for k, v in self.rss.items() if k in self.registry.tasks}
         if not records:
             return
         # One /proc scan serves every watched task.
@@ -84,45 +85,24 @@ class MemoryWatch:
             usage = proctree.usage(record.pid, self.proc_root, stats)
             if usage.processes == 0:
                 continue  # exited meanwhile: the registry hears it from the engine
-            self.rss[record.result] = usage.rss_bytes
+            self.rss[record.key] = usage.rss_bytes
             if usage.rss_bytes > record.memory_bound:
                 await self.stop(record, usage.rss_bytes)
 
     async def stop(self, record: TaskRecord, used: int) -> None:
-        async with self.tasks.locked(record.result):
-            container_id, bound = record.container_id, record.memory_bound
-            if not watched(record):
-                return  # paused, exited or removed while we looked
+        def exceeded(record: TaskRecord) -> Exceeded:
+            bound = record.memory_bound
             message = (
                 f"memory limit exceeded: {used / MIB:.1f} MiB in use, BOINC allows this task "
                 f"{bound / MIB:.1f} MiB (this engine cannot limit a container's memory, so "
                 "boincd-containers stopped it)"
             )
-            # Saved before the kill: a crash in between must not lose the reason.
-            self.exceeded.set(
-                record.result,
-                {
-                    "kind": "memory",
-                    "message": message,
-                    "container_id": container_id,
-                    "used_bytes": used,
-                    "bound_bytes": bound,
-                    "at": time.time(),
-                },
-            )
-            # A SIGKILLed container of a detached task reads as the client's
-            # cleanup, which the daemon restarts; this one must stay dead. A state
-            # disk that refuses the save keeps it in memory: the kill goes on.
-            with contextlib.suppress(StateWriteError):
-                self.tasks.detached.discard(record.result)
-            log.warning(
-                "stopping a task past its memory bound",
-                result=record.result,
-                used_bytes=used,
-                bound_bytes=bound,
-            )
-            await self.engine.kill_container(container_id)
-            await self.registry.refresh(record)
+            return Exceeded("memory", message, used, bound, time.time())
+
+        # watched(): not paused, exited or removed while we looked.
+        await stop_for_limit(
+            self.engine, self.registry, self.tasks, self.exceeded, record, watched, exceeded
+        )
 
     # -- StatusProvider --------------------------------------------------------------
 

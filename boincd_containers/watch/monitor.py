@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from boincd_containers.core.log import get_logger
+from boincd_containers.core.log import get_logger, task_context
 from boincd_containers.host import priority, proctree
 from boincd_containers.host.cgroups import CgroupError, CgroupGone, CgroupReader, net_dev
 from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.state import LIVE_STATES, TaskKey
 
 log = get_logger(__name__)
 
@@ -75,11 +76,11 @@ class Monitor:
         self.registry = registry
         self.reader = reader or CgroupReader()
         # Kept after a container stops: its last figures are its final ones.
-        self.samples: dict[str, Sample] = {}
-        self._rx: dict[str, _NetCounter] = {}
-        self._tx: dict[str, _NetCounter] = {}
+        self.samples: dict[TaskKey, Sample] = {}
+        self._rx: dict[TaskKey, _NetCounter] = {}
+        self._tx: dict[TaskKey, _NetCounter] = {}
         self.ticks = 0
-        self._priority_denied: set[str] = set()  # results already logged
+        self._priority_denied: set[TaskKey] = set()  # tasks already logged
 
     def sample(
         self, record: TaskRecord, stats: dict[int, proctree.ProcStat] | None = None
@@ -87,7 +88,7 @@ class Monitor:
         """Read one task's figures now and keep them; None when it has no live cgroup."""
         sample = self._measure(record, stats)
         if sample is not None:
-            self.samples[record.result] = sample
+            self.samples[record.key] = sample
         return sample
 
     def _measure(
@@ -104,7 +105,7 @@ class Monitor:
         except CgroupGone:
             return None
         except CgroupError as exc:
-            log.debug("cannot sample task", result=record.result, error=str(exc))
+            log.debug("cannot sample task", error=str(exc))
             return None
         return self._figures(
             record, cg.cpu_time_ns, cg.memory.usage_bytes, cg.memory.working_set_bytes, rx, tx
@@ -119,12 +120,8 @@ class Monitor:
             cpu_time_s=cpu_ns / 1e9,
             memory_bytes=memory,
             wss_bytes=wss,
-            rx_bytes=self._rx.setdefault(record.result, _NetCounter()).total(
-                record.container_id, rx
-            ),
-            tx_bytes=self._tx.setdefault(record.result, _NetCounter()).total(
-                record.container_id, tx
-            ),
+            rx_bytes=self._rx.setdefault(record.key, _NetCounter()).total(record.container_id, rx),
+            tx_bytes=self._tx.setdefault(record.key, _NetCounter()).total(record.container_id, tx),
         )
 
     def _sample_processes(
@@ -158,13 +155,10 @@ class Monitor:
         except CgroupError:
             return
         held = priority.hold(tids, wanted)
-        if held.denied and record.result not in self._priority_denied:
-            self._priority_denied.add(record.result)
+        if held.denied and record.key not in self._priority_denied:
+            self._priority_denied.add(record.key)
             log.warning(
-                "cannot lower the container's priority",
-                result=record.result,
-                threads=held.denied,
-                nice=wanted.nice,
+                "cannot lower the container's priority", threads=held.denied, nice=wanted.nice
             )
 
     def tick(self) -> None:
@@ -177,32 +171,33 @@ class Monitor:
         stored, on the event loop: the thread touches no shared dict."""
         self._store(await asyncio.to_thread(self._visit_all, self._live()))
 
-    def _visit_all(self, records: list[TaskRecord]) -> list[tuple[str, Sample]]:
-        visited = ((record.result, self._visit(record)) for record in records)
-        return [(result, sample) for result, sample in visited if sample is not None]
+    def _visit_all(self, records: list[TaskRecord]) -> list[tuple[TaskKey, Sample]]:
+        visited = ((record.key, self._visit(record)) for record in records)
+        return [(key, sample) for key, sample in visited if sample is not None]
 
-    def _store(self, fresh: list[tuple[str, Sample]]) -> None:
+    def _store(self, fresh: list[tuple[TaskKey, Sample]]) -> None:
         self.samples.update(fresh)
         self._forget_gone()
 
     def _live(self) -> list[TaskRecord]:
-        return [r for r in self.registry.tasks.values() if r.state in ("running", "paused")]
+        return [r for r in self.registry.tasks.values() if r.state in LIVE_STATES]
 
     def _visit(self, record: TaskRecord) -> Sample | None:
         # A container without a cgroup of its own is seen through /proc: one scan
         # serves both its figures and its priority.
         stats = proctree.snapshot() if record.unenforced else None
-        sample = self._measure(record, stats)
-        self.hold_priority(record, stats)
+        with task_context(record.project, record.result):
+            sample = self._measure(record, stats)
+            self.hold_priority(record, stats)
         return sample
 
     def _forget_gone(self) -> None:
-        for result in list(self.samples):
-            if result not in self.registry.tasks:
-                del self.samples[result]
-                self._rx.pop(result, None)
-                self._tx.pop(result, None)
-                self._priority_denied.discard(result)
+        for key in list(self.samples):
+            if key not in self.registry.tasks:
+                del self.samples[key]
+                self._rx.pop(key, None)
+                self._tx.pop(key, None)
+                self._priority_denied.discard(key)
         self.ticks += 1
 
     async def run(self, interval_s: float) -> None:
@@ -210,12 +205,12 @@ class Monitor:
             await self.tick_in_thread()
             await asyncio.sleep(interval_s)
 
-    def latest(self, result: str) -> Sample:
-        return self.samples.get(result, _EMPTY)
+    def latest(self, key: TaskKey) -> Sample:
+        return self.samples.get(key, _EMPTY)
 
     # StatusProvider
     def task_fields(self, record: TaskRecord) -> dict[str, Any]:
-        return self.latest(record.result).to_json()
+        return self.latest(record.key).to_json()
 
     async def status_fields(self) -> dict[str, Any]:
         return {}

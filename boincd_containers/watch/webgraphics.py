@@ -31,8 +31,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from boincd_containers.core.log import get_logger
+from boincd_containers.core.log import get_logger, task_context
 from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.state import TaskKey, TaskState
 
 log = get_logger(__name__)
 
@@ -45,7 +46,7 @@ MAX_CONNECTIONS = 64
 _CHUNK = 65536
 # A paused container would take the connection and answer only once resumed:
 # the browser is told at once instead.
-_SERVING_STATES = ("running",)
+_SERVING_STATES = (TaskState.RUNNING,)
 _HEAD_MAX = 65536
 _NOT_NOW_S = 5.0
 
@@ -140,7 +141,7 @@ async def open_in_container(record: TaskRecord, guest_port: int) -> Streams:
 
 @dataclass
 class _Listener:
-    result: str
+    key: TaskKey
     guest_port: int
     container_id: str
     server: asyncio.AbstractServer
@@ -194,40 +195,41 @@ class WebGraphics:
         self.registry = registry
         self.opener = opener
         self.host = host
-        self._listeners: dict[str, _Listener] = {}
+        self._listeners: dict[TaskKey, _Listener] = {}
         # Why a task's graphics cannot be reached, once known (no CAP_SYS_ADMIN...).
-        self._errors: dict[str, str] = {}
+        self._errors: dict[TaskKey, str] = {}
         self._probe: Callable[[], str | None] | None = (
             can_enter_netns if opener is open_in_container else None
         )
         self._cannot: str | None = None
 
-    def _wanted(self) -> dict[str, TaskRecord]:
+    def _wanted(self) -> dict[TaskKey, TaskRecord]:
         return {
-            result: record
-            for result, record in self.registry.tasks.items()
+            key: record
+            for key, record in self.registry.tasks.items()
             if record.web_graphics_port
             and record.container_id
-            and record.state not in ("removed", "failed")
+            and record.state not in (TaskState.REMOVED, TaskState.FAILED)
         }
 
     async def sync(self) -> None:
         """Listen for each task with web graphics; stop for tasks that are gone."""
         wanted = self._wanted()
-        for result, listener in list(self._listeners.items()):
-            record = wanted.get(result)
+        for key, listener in list(self._listeners.items()):
+            record = wanted.get(key)
             if (
                 record is None
                 or record.container_id != listener.container_id
                 or record.web_graphics_port != listener.guest_port
             ):
-                await self._stop(result)
-        for result, record in wanted.items():
-            if result not in self._listeners:
-                await self._listen(record)
+                await self._stop(key)
+        for key, record in wanted.items():
+            if key not in self._listeners:
+                with task_context(key.project, key.result):
+                    await self._listen(record)
 
     async def _listen(self, record: TaskRecord) -> None:
-        result = record.result
+        key = record.key
         if self._probe is not None:
             # Once: whether this daemon may enter a container's namespace at all.
             self._cannot = await asyncio.to_thread(self._probe)
@@ -236,32 +238,32 @@ class WebGraphics:
                 log.warning("web graphics unavailable", error=self._cannot)
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self._relay(result, reader, writer)
+            with task_context(key.project, key.result):
+                await self._relay(key, reader, writer)
 
         try:
             # Port 0: the kernel picks a free one, as boinc_get_port does; it stays
             # bound for as long as the task lives, so nothing else can take it.
             server = await asyncio.start_server(handle, self.host, 0)
         except OSError as exc:
-            self._errors[result] = f"cannot listen on {self.host}: {exc.strerror or exc}"
-            log.warning("web graphics: cannot listen", result=result, error=str(exc))
+            self._errors[key] = f"cannot listen on {self.host}: {exc.strerror or exc}"
+            log.warning("web graphics: cannot listen", error=str(exc))
             return
         port = int(server.sockets[0].getsockname()[1])
-        self._listeners[result] = _Listener(
-            result, record.web_graphics_port, record.container_id, server, port
+        self._listeners[key] = _Listener(
+            key, record.web_graphics_port, record.container_id, server, port
         )
         if self._cannot:
-            self._errors[result] = self._cannot
+            self._errors[key] = self._cannot
         log.info(
             "web graphics listening",
-            result=result,
             url=self.url(port),
             guest_port=record.web_graphics_port,
         )
 
-    async def _stop(self, result: str) -> None:
-        listener = self._listeners.pop(result, None)
-        self._errors.pop(result, None)
+    async def _stop(self, key: TaskKey) -> None:
+        listener = self._listeners.pop(key, None)
+        self._errors.pop(key, None)
         if listener is None:
             return
         listener.server.close()
@@ -271,11 +273,11 @@ class WebGraphics:
         await listener.server.wait_closed()
 
     async def _relay(
-        self, result: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, key: TaskKey, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        listener = self._listeners.get(result)
+        listener = self._listeners.get(key)
         task = asyncio.current_task()
-        record = self.registry.tasks.get(result)
+        record = self.registry.tasks.get(key)
         if listener is None or task is None or len(listener.connections) >= MAX_CONNECTIONS:
             await _close(writer)
             return
@@ -300,16 +302,16 @@ class WebGraphics:
                 )
                 inner = inner_writer
             except GraphicsUnavailable as exc:
-                if self._errors.get(result) != exc.strerror:
-                    log.warning("web graphics unavailable", result=result, error=exc.strerror)
-                self._errors[result] = str(exc.strerror)
+                if self._errors.get(key) != exc.strerror:
+                    log.warning("web graphics unavailable", error=exc.strerror)
+                self._errors[key] = str(exc.strerror)
                 await _not_now(
                     reader, writer, f"The task's graphics cannot be shown: {exc.strerror}"
                 )
                 return
             except (OSError, TimeoutError) as exc:
                 # The app does not listen (yet), or the container just stopped.
-                log.debug("web graphics: cannot reach the app", result=result, error=str(exc))
+                log.debug("web graphics: cannot reach the app", error=str(exc))
                 why = (
                     "The task's graphics are not served (yet): nothing answers on port "
                     f"{listener.guest_port} in its container."
@@ -321,7 +323,7 @@ class WebGraphics:
                     group.create_task(_pipe(reader, inner_writer))
                     group.create_task(_pipe(inner_reader, writer))
             except* OSError as exc:  # one side went away: close the other
-                log.debug("web graphics connection ended", result=result, error=str(exc))
+                log.debug("web graphics connection ended", error=str(exc))
         finally:
             listener.connections.discard(task)
             if inner is not None:
@@ -336,14 +338,14 @@ class WebGraphics:
     def task_fields(self, record: TaskRecord) -> dict[str, Any]:
         if not record.web_graphics_port:
             return {"web_graphics": None}
-        listener = self._listeners.get(record.result)
+        listener = self._listeners.get(record.key)
         host_port = listener.host_port if listener is not None else None
         return {
             "web_graphics": {
                 "guest_port": record.web_graphics_port,
                 "host_port": host_port,
                 "url": self.url(host_port) if host_port else None,
-                "error": self._errors.get(record.result),
+                "error": self._errors.get(record.key),
             }
         }
 
@@ -362,5 +364,5 @@ class WebGraphics:
             await self.close()
 
     async def close(self) -> None:
-        for result in list(self._listeners):
-            await self._stop(result)
+        for key in list(self._listeners):
+            await self._stop(key)

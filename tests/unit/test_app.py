@@ -33,8 +33,9 @@ def test_the_engine_is_passed_in_and_shared_by_every_component(tmp_path: Path) -
 
 def test_hooks_are_registered_once(tmp_path: Path) -> None:
     daemon, _ = _daemon(tmp_path)
-    assert daemon.registry.on_adopt == [daemon.gpus.restore, daemon.collector.leases.restore]
-    assert daemon.registry.on_drop == [daemon.gpus.dropped]
+    assert daemon.registry.store is daemon.store
+    assert daemon.store.on_adopt == [daemon.gpus.restore, daemon.collector.leases.restore]
+    assert daemon.store.on_drop == [daemon.gpus.dropped]
     assert daemon.registry.listeners == [daemon.inventory.on_container_event]
     assert daemon.images.on_change == [daemon.inventory.wake_eviction]
 

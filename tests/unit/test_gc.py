@@ -30,10 +30,16 @@ from boincd_containers.images.cache import ImageCache
 from boincd_containers.job.spec import parse_request
 from boincd_containers.tasks.manager import TaskManager
 from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.state import TaskKey
+from boincd_containers.tasks.store import TaskStore
 from boincd_containers.testing.fakes import FakeEngine
 
 GRACE, LEASE = 100.0, 1000.0
 LONG_AGO = "2000-01-01T00:00:00Z"
+
+
+def results(registry: Registry) -> set[str]:
+    return {key.result for key in registry.tasks}
 
 
 def init_data(slot: Path, result: str) -> Path:
@@ -150,18 +156,18 @@ def test_parse_time_takes_engine_timestamps() -> None:
 
 def test_lease_book_survives_a_restart_and_only_ever_moves_back(tmp_path: Path) -> None:
     path = tmp_path / "leases.json"
-    book = LeaseBook(path)
+    book = LeaseBook(path, TaskStore())
     records = {
         "a": TaskRecord("a", "p", container_id="c1", last_seen=1000.0),
         "b": TaskRecord("b", "p", container_id="c2", last_seen=2000.0),
         "prep": TaskRecord("prep", "p"),  # no container: nothing to lease
     }
-    book.update(records, complete=True)
+    book.update(records.values(), complete=True)
     book.save_if_changed()
-    assert json.loads(path.read_text()) == {"a": 1000.0, "b": 2000.0}
+    assert json.loads(path.read_text()) == {"p/a": 1000.0, "p/b": 2000.0}
     assert not path.with_suffix(".tmp").exists()
 
-    again = LeaseBook(path)
+    again = LeaseBook(path, TaskStore())
     adopted = TaskRecord("a", "p", container_id="c1")  # last_seen: now
     again.restore(adopted, {})
     assert adopted.last_seen == 1000.0
@@ -169,15 +175,26 @@ def test_lease_book_survives_a_restart_and_only_ever_moves_back(tmp_path: Path) 
     again.restore(fresher, {})
     assert fresher.last_seen == 1500.0
     # Incomplete views (engine down) keep what they do not mention.
-    again.update({"a": records["a"]}, complete=False)
-    assert set(again.seen) == {"a", "b"}
-    again.update({"a": records["a"]}, complete=True)
-    assert set(again.seen) == {"a"}
+    again.update([records["a"]], complete=False)
+    assert set(again.seen) == {"p/a", "p/b"}
+    again.update([records["a"]], complete=True)
+    assert set(again.seen) == {"p/a"}
+
+
+def test_lease_book_reads_the_times_saved_by_result_alone(tmp_path: Path) -> None:
+    path = tmp_path / "leases.json"
+    path.write_text(json.dumps({"a": 1000.0}))  # a daemon before the (project, result) key
+    book = LeaseBook(path, TaskStore())
+    adopted = TaskRecord("a", "p", container_id="c1")
+    book.restore(adopted, {})
+    assert adopted.last_seen == 1000.0
+    book.update([adopted], complete=True)
+    assert book.seen == {"p/a": 1000.0}
 
 
 def test_lease_book_saves_only_real_changes_and_survives_a_bad_disk(tmp_path: Path) -> None:
     path = tmp_path / "leases.json"
-    book = LeaseBook(path)
+    book = LeaseBook(path, TaskStore())
     book.seen = {"a": 1000.0}
     book.save_if_changed(granularity_s=30)
     mtime = path.stat().st_mtime_ns
@@ -189,7 +206,7 @@ def test_lease_book_saves_only_real_changes_and_survives_a_bad_disk(tmp_path: Pa
     book.save_if_changed(granularity_s=30)  # logged, not raised
     assert json.loads(path.read_text()) == {"a": 1000.0}
     path.write_text("{not json")
-    assert LeaseBook(path).seen == {}
+    assert LeaseBook(path, TaskStore()).seen == {}
 
 
 # -- the collector on the fake engine ---------------------------------------------------------
@@ -294,9 +311,9 @@ class Rig:
         self.images = ImageCache(engine, self.state_dir, instance)
         self.tasks = TaskManager(self.settings, engine, self.registry, self.images)
         self.released: list[str] = []
-        self.gpus = SimpleNamespace(release=self.released.append)
+        self.registry.on_drop.append(lambda record: self.released.append(record.result))
         self.collector = Collector(
-            self.settings, engine, self.registry, self.tasks, self.gpus, self.state_dir
+            self.settings, engine, self.registry, self.tasks, self.state_dir
         )
         self.clock = Clock()
         self.collector.clock = self.clock
@@ -363,7 +380,7 @@ async def test_a_finished_task_goes_after_the_grace_with_its_bytes(rig: Rig) -> 
     ]
     assert report.freed_bytes == 13122
     assert rig.engine.containers == {}
-    assert "done_0" not in rig.registry.tasks
+    assert "done_0" not in results(rig.registry)
     assert record.state == "removed"
     assert rig.released == ["done_0"]
     assert set(rig.engine.volumes) == {"named-data"}
@@ -385,12 +402,12 @@ async def test_dry_run_reports_the_same_and_changes_nothing(rig: Rig) -> None:
     assert [(r.kind, r.result, r.bytes) for r in dry.removed] == [("container", "gone_0", 42)]
     assert json.dumps(rig.engine.containers, sort_keys=True, default=str) == before
     assert len(rig.engine.calls) == calls  # no verb at all, only reads
-    assert set(rig.registry.tasks) == {"gone_0", "keep_0"}
+    assert results(rig.registry) == {"gone_0", "keep_0"}
     assert rig.collector.last is None or rig.collector.last.removed == []
 
     real = await rig.collector.collect()
     assert [(r.kind, r.result, r.bytes) for r in real.removed] == [("container", "gone_0", 42)]
-    assert set(rig.registry.tasks) == {"keep_0"}
+    assert results(rig.registry) == {"keep_0"}
     assert keep.container_id in rig.engine.containers
 
 
@@ -422,7 +439,7 @@ async def test_the_decision_is_made_again_under_the_results_lock(rig: Rig) -> No
     (rig.slot(0) / "init_data.xml").unlink()
     await rig.collector.collect()
     rig.age(2 * GRACE)
-    async with rig.tasks.locked("race_0"):
+    async with rig.tasks.locked(TaskKey("proj", "race_0")):
         pass_ = asyncio.ensure_future(rig.collector.collect())
         await asyncio.sleep(0.05)
         assert not pass_.done()  # waiting for the lock
@@ -443,7 +460,7 @@ async def test_the_lease_collects_a_task_whose_client_is_gone(rig: Rig) -> None:
     assert removed(report) == {("container", "old_0")}
     assert "lease" in report.removed[0].reason
     assert record.container_id not in rig.engine.containers
-    assert "old_0" not in rig.tasks.detached
+    assert not rig.registry.store.is_detached(TaskKey("proj", "old_0"))
 
 
 async def test_volumes_without_a_container_go_foreign_and_used_ones_stay(rig: Rig) -> None:
@@ -535,12 +552,12 @@ async def test_failed_records_of_vanished_shims_are_forgotten(rig: Rig) -> None:
     assert record.state == "failed"
     rig.seen(record)
     await rig.collector.collect()
-    assert "bad_0" in rig.registry.tasks
+    assert "bad_0" in results(rig.registry)
     rig.age(GRACE)
     await rig.collector.collect(dry_run=True)
-    assert "bad_0" in rig.registry.tasks
+    assert "bad_0" in results(rig.registry)
     assert (await rig.collector.collect()).removed == []  # nothing in the engine
-    assert "bad_0" not in rig.registry.tasks
+    assert "bad_0" not in results(rig.registry)
 
 
 async def test_no_collection_without_the_engine(rig: Rig) -> None:

@@ -82,7 +82,12 @@ def kill_event(record: TaskRecord, signal: str, at: float) -> dict[str, Any]:
         "Action": "kill",
         "Actor": {
             "ID": record.container_id,
-            "Attributes": {L.OWNER: "me", L.RESULT: record.result, "signal": signal},
+            "Attributes": {
+                L.OWNER: "me",
+                L.PROJECT: record.project,
+                L.RESULT: record.result,
+                "signal": signal,
+            },
         },
         "time": int(at),
         "timeNano": int(at * 1e9),

@@ -366,7 +366,7 @@ async def test_a_stopped_container_is_measured_at_once(
     try:
         await eventually(lambda: rig.inventory.synced)
         await rig.run_task("r_a", A)
-        cid = rig.registry.tasks["r_a"].container_id
+        cid = rig.registry.get("r_a").container_id
         await rig.tasks.start("r_a")
         engine.sizes_rw[cid] = 5000  # written while it ran: the next minute's list would see it
         lists = engine.size_calls.count("list")
@@ -393,7 +393,7 @@ async def test_running_containers_are_measured_on_their_clock_while_events_keep_
     try:
         await eventually(lambda: rig.inventory.synced)
         await rig.run_task("r_a", A)
-        cid = rig.registry.tasks["r_a"].container_id
+        cid = rig.registry.get("r_a").container_id
         await rig.tasks.start("r_a")
         engine.sizes_rw[cid] = 777
         image_id = engine.images["boincd-test/busybox:latest"]["Id"]
@@ -409,7 +409,7 @@ async def test_a_list_taken_before_an_exit_does_not_undo_its_final_size(
     rig: Rig, engine: ImageEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await rig.run_task("r_a", A)
-    cid = rig.registry.tasks["r_a"].container_id
+    cid = rig.registry.get("r_a").container_id
     engine.sizes_rw[cid] = 100
     gate = asyncio.Event()
     listing = engine.list_containers

@@ -201,3 +201,55 @@ async def test_relist_keeps_a_task_created_after_the_list_was_taken(
     await rig.registry.relist()
     with pytest.raises(NotFound):
         rig.registry.get("r_0")
+
+
+def project_request(slot: Path, project: str, result: str = "r_same") -> Any:
+    slot.mkdir(exist_ok=True)
+    return parse_request(
+        {
+            "result": result,
+            "project": project,
+            "slot_dir": str(slot),
+            "image": "boincd-test/busybox:latest",
+        }
+    )
+
+
+async def test_two_projects_tasks_of_the_same_result_run_at_once(rig: Rig, tmp_path: Path) -> None:
+    # Result names are unique per project, not per host: two tasks, two containers.
+    a = await rig.tasks.create_or_attach(project_request(tmp_path / "a", "proj_a"), 0)
+    b = await rig.tasks.create_or_attach(project_request(tmp_path / "b", "proj_b"), 0)
+    assert a is not b
+    for record in (a, b):
+        async with asyncio.timeout(5):
+            while record.state == "preparing":
+                await record.changed.wait()
+    assert (await rig.tasks.start("r_same", "proj_a")).state == "running"
+    assert (await rig.tasks.start("r_same", "proj_b")).state == "running"
+    assert a.container_id != b.container_id
+    assert {c[1] for c in rig.engine.calls if c[0] == "create"} == {
+        "boincd__proj_a__r_same",
+        "boincd__proj_b__r_same",
+    }
+    assert rig.registry.get("r_same", "proj_b") is b
+    # Without the project the name is ambiguous: a conflict that names both.
+    with pytest.raises(Conflict) as info:
+        rig.registry.get("r_same")
+    assert "'proj_a'" in info.value.message
+    assert "'proj_b'" in info.value.message
+    assert not info.value.retryable
+    with pytest.raises(Conflict):
+        await rig.tasks.pause("r_same")
+    # Each verb takes the task its project names, and only that one.
+    assert (await rig.tasks.pause("r_same", "proj_a")).state == "paused"
+    assert b.state == "running"
+    await rig.tasks.remove("r_same", "proj_b")
+    assert b.state == "removed"
+    assert a.state == "paused"
+    assert b.container_id not in rig.engine.containers
+    assert a.container_id in rig.engine.containers
+    # One task of that result left: the project may be left out again.
+    assert rig.registry.get("r_same") is a
+    assert (await rig.tasks.resume("r_same")).state == "running"
+    with pytest.raises(NotFound):
+        rig.registry.get("r_same", "proj_b")

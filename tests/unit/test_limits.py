@@ -149,7 +149,7 @@ async def test_past_the_bound_the_container_is_killed_with_the_reason_saved(rig:
     assert limit["message"] == f"disk limit exceeded: {used} bytes of {MiB}"
     assert (limit["used_bytes"], limit["bound_bytes"]) == (used, MiB)
     saved = json.loads((rig.state / STATE_FILE).read_text())
-    assert saved["r_big"]["message"] == limit["message"]
+    assert saved[str(record.key)]["message"] == limit["message"]
     # A restarted daemon still tells the shim why the container died.
     again = rig.new_limits()
     assert again.task_fields(record)["limit_exceeded"] == limit
@@ -179,7 +179,7 @@ async def test_without_an_upper_dir_the_engine_is_asked(rig: Rig) -> None:
     await rig.limits.check_all()
     assert rig.limits.task_fields(record)["writable_bytes"] == 4242
     assert rig.engine.size_calls == 1
-    assert rig.limits.usage["r_engine"].method == "engine"
+    assert rig.limits.usage[record.key].method == "engine"
 
 
 async def test_stopped_containers_are_measured_once(rig: Rig) -> None:
@@ -195,7 +195,7 @@ async def test_a_removed_task_is_forgotten_and_its_entry_pruned(rig: Rig) -> Non
     record = await rig.running("r_gone", disk_bytes=100)
     (rig.upper(record) / "fill").write_bytes(b"\0" * 1000)
     await rig.limits.check_all()
-    assert rig.limits.exceeded.results() == ["r_gone"]
+    assert rig.limits.exceeded.results() == [str(record.key)]
     await rig.tasks.remove("r_gone")
     await rig.limits.check_all()
     assert rig.limits.usage == {}

@@ -78,15 +78,15 @@ async def test_past_the_bound_the_container_is_killed_with_the_reason_saved(rig:
     await rig.watch.check_all()
     record = rig.registry.get("big")
     assert (record.state, record.exit_code) == ("exited", 137)
-    entry = rig.exceeded.get("big", cid)
+    entry = rig.exceeded.get(record.key, cid)
     assert entry is not None
     assert entry["kind"] == "memory"
     assert entry["bound_bytes"] == 32 * MiB
     assert entry["used_bytes"] >= 47 * MiB
     assert "memory limit exceeded: 48.0 MiB in use" in entry["message"]
-    assert "big" not in rig.tasks.detached
+    assert not rig.registry.store.is_detached(record.key)
     # Saved before the kill: a restarted daemon still knows why.
-    assert ExceededLog(rig.state / STATE_FILE).get("big", cid) == entry
+    assert ExceededLog(rig.state / STATE_FILE).get(record.key, cid) == entry
 
 
 async def test_under_the_bound_nothing_happens_and_usage_is_kept(rig: Rig) -> None:
@@ -94,7 +94,7 @@ async def test_under_the_bound_nothing_happens_and_usage_is_kept(rig: Rig) -> No
     rig.resident(16)
     await rig.watch.check_all()
     assert rig.registry.get("small").state == "running"
-    assert 15 * MiB <= rig.watch.rss["small"] <= 16 * MiB
+    assert 15 * MiB <= rig.watch.rss[rig.registry.get("small").key] <= 16 * MiB
     assert rig.exceeded.results() == []
 
 

@@ -24,6 +24,7 @@ from boincd_containers.daemon.metrics import Family, escape_label_value, format_
 from boincd_containers.engine.adapter import Engine, EngineInfo
 from boincd_containers.host.gpu.fake import GIB, FakeGpuBackend
 from boincd_containers.tasks.registry import TaskRecord
+from boincd_containers.tasks.state import TaskState
 from boincd_containers.watch.monitor import Sample
 
 # -- a strict reader of the text format (version 0.0.4) ----------------------------
@@ -192,9 +193,10 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 
 def _task(d: Daemon, result: str, project: str, state: str, sample: Sample | None) -> None:
-    d.registry.tasks[result] = TaskRecord(result, project, container_id="c" * 64, state=state)
+    record = TaskRecord(result, project, container_id="c" * 64, state=TaskState(state))
+    d.registry.store.add(record)
     if sample is not None:
-        d.monitor.samples[result] = sample
+        d.monitor.samples[record.key] = sample
 
 
 async def test_scrape_reports_tasks_resources_gpus_and_engine(daemon: Daemon) -> None:

@@ -7,6 +7,7 @@ from typing import cast
 from boincd_containers.engine.adapter import Engine
 from boincd_containers.host.cgroups import CgroupGone, CgroupReader, CgroupSample, MemoryUsage
 from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.state import TaskKey, TaskState
 from boincd_containers.testing.fakes import FakeEngine
 from boincd_containers.watch.monitor import Monitor
 
@@ -32,10 +33,13 @@ class FakeReader:
         return self.net.get(container_id, (0, 0))
 
 
+KEY = TaskKey("proj", "r_1")
+
+
 def rig() -> tuple[Monitor, FakeReader, TaskRecord]:
     registry = Registry(cast(Engine, FakeEngine()), "me")
     record = TaskRecord("r_1", "proj", container_id="c1", state="running", pid=42)
-    registry.tasks["r_1"] = record
+    registry.store.add(record)
     reader = FakeReader()
     return Monitor(registry, cast(CgroupReader, reader)), reader, record
 
@@ -57,14 +61,14 @@ def test_counters_survive_a_disconnect_and_keep_growing_after_reconnect() -> Non
     # Disconnected: the interface and its counters are gone; only lo remains.
     reader.net["c1"] = (0, 0)
     monitor.tick()
-    assert (monitor.latest("r_1").rx_bytes, monitor.latest("r_1").tx_bytes) == (1000, 50)
+    assert (monitor.latest(KEY).rx_bytes, monitor.latest(KEY).tx_bytes) == (1000, 50)
     # Reconnected: a new interface counts from zero.
     reader.net["c1"] = (300, 7)
     monitor.tick()
-    assert (monitor.latest("r_1").rx_bytes, monitor.latest("r_1").tx_bytes) == (1300, 57)
+    assert (monitor.latest(KEY).rx_bytes, monitor.latest(KEY).tx_bytes) == (1300, 57)
     reader.net["c1"] = (400, 9)
     monitor.tick()
-    assert (monitor.latest("r_1").rx_bytes, monitor.latest("r_1").tx_bytes) == (1400, 59)
+    assert (monitor.latest(KEY).rx_bytes, monitor.latest(KEY).tx_bytes) == (1400, 59)
 
 
 def test_a_new_container_for_the_result_counts_from_its_own_zero() -> None:
@@ -74,7 +78,7 @@ def test_a_new_container_for_the_result_counts_from_its_own_zero() -> None:
     record.container_id = "c2"
     reader.net["c2"] = (10, 1)
     monitor.tick()
-    assert (monitor.latest("r_1").rx_bytes, monitor.latest("r_1").tx_bytes) == (10, 1)
+    assert (monitor.latest(KEY).rx_bytes, monitor.latest(KEY).tx_bytes) == (10, 1)
 
 
 def test_last_figures_are_kept_after_exit_and_dropped_with_the_task() -> None:
@@ -84,11 +88,11 @@ def test_last_figures_are_kept_after_exit_and_dropped_with_the_task() -> None:
     reader.gone.add("c1")
     record.state = "exited"
     monitor.tick()
-    assert monitor.latest("r_1").rx_bytes == 1000
-    del monitor.registry.tasks["r_1"]
+    assert monitor.latest(KEY).rx_bytes == 1000
+    monitor.registry.store.drop(monitor.registry.get("r_1"))
     monitor.tick()
-    assert "r_1" not in monitor.samples
-    assert monitor.latest("r_1").rx_bytes == 0
+    assert KEY not in monitor.samples
+    assert monitor.latest(KEY).rx_bytes == 0
 
 
 async def test_a_tick_reads_in_a_thread_while_the_loop_answers_requests() -> None:
@@ -97,8 +101,8 @@ async def test_a_tick_reads_in_a_thread_while_the_loop_answers_requests() -> Non
 
     registry = Registry(cast(Engine, FakeEngine()), "me")
     for n in range(16):
-        registry.tasks[f"r_{n}"] = TaskRecord(
-            f"r_{n}", "proj", container_id=f"c{n}", state="running", pid=100 + n
+        registry.store.add(
+            TaskRecord(f"r_{n}", "proj", container_id=f"c{n}", state=TaskState.RUNNING, pid=100 + n)
         )
     answered = threading.Event()
 

@@ -33,6 +33,7 @@ from boincd_containers.daemon.server import (
 )
 from boincd_containers.engine.adapter import Engine
 from boincd_containers.tasks.registry import TaskRecord
+from boincd_containers.tasks.state import TaskState
 
 
 def test_parent_dir_is_created(short_tmp: Path) -> None:
@@ -214,7 +215,7 @@ async def test_a_wrong_method_is_a_json_405_with_allow(api_socket: tuple[str, Da
 async def test_logs_of_a_task_without_a_container_is_a_409(api_socket: tuple[str, Daemon]) -> None:
     # Before: the engine was asked for container "" and the answer was a 503.
     path, daemon = api_socket
-    daemon.registry.tasks["r_2"] = TaskRecord("r_2", "proj", state="failed")
+    daemon.registry.store.add(TaskRecord("r_2", "proj", state=TaskState.FAILED))
     data = b"GET /v1/tasks/r_2/logs HTTP/1.1\r\nHost: d\r\n\r\n"
     status, headers, body = await _raw(path, data)
     assert status == 409
@@ -311,7 +312,7 @@ async def test_only_the_tasks_own_side_renews_its_lease(
     os.chown(slot, boinc_uid, boinc_uid)
     daemon.writer_uids = frozenset({0, boinc_uid})
     record = TaskRecord("r_1", "proj", slot_dir=str(slot), state="created")
-    daemon.registry.tasks["r_1"] = record
+    daemon.registry.store.add(record)
 
     async def get_as(uid: int) -> None:
         record.last_seen = 1000.0
@@ -364,3 +365,24 @@ def test_the_daemon_names_its_process_as_the_boinc_client_counts_its_own() -> No
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "boincd-containe"
     assert "boinc" in out.stdout.lower()
+
+
+async def test_a_result_two_projects_have_is_picked_by_project_or_is_a_409(
+    api_socket: tuple[str, Daemon],
+) -> None:
+    path, daemon = api_socket
+    daemon.registry.store.add(TaskRecord("r_9", "proj_a", state=TaskState.FAILED))
+    daemon.registry.store.add(TaskRecord("r_9", "proj_b", state=TaskState.WAITING))
+    for project, state in (("proj_a", "failed"), ("proj_b", "waiting")):
+        data = f"GET /v1/tasks/r_9?project={project} HTTP/1.1\r\nHost: d\r\n\r\n".encode()
+        status, _, body = await _raw(path, data)
+        assert status == 200
+        assert (json.loads(body)["project"], json.loads(body)["state"]) == (project, state)
+    status, headers, body = await _raw(path, b"GET /v1/tasks/r_9 HTTP/1.1\r\nHost: d\r\n\r\n")
+    error = _json_error(status, headers, body)
+    assert status == 409
+    assert error["code"] == "conflict"
+    assert "'proj_a'" in error["message"]
+    assert "'proj_b'" in error["message"]
+    data = b"GET /v1/tasks/r_9?project=proj_c HTTP/1.1\r\nHost: d\r\n\r\n"
+    assert (await _raw(path, data))[0] == 404

@@ -115,14 +115,14 @@ async def test_quit_on_a_full_state_disk_still_pauses_the_container(
     assert info.value.retryable  # the shim exits as for any quit, nothing failed
     assert record.state == "paused"
     assert record.detached
-    assert "r_quit" in rig.tasks.detached
+    assert str(record.key) in rig.tasks.detached
     # The client's cleanup SIGKILLs it now: still told from the app's own exit.
     await rig.engine.kill_container(record.container_id)
     await rig.registry.refresh(record)
     assert record.interrupted
     disk.full = False
     rig.tasks.detached.flush()
-    assert json.loads((rig.state / "detached.json").read_text()) == ["r_quit"]
+    assert json.loads((rig.state / "detached.json").read_text()) == [str(record.key)]
 
 
 async def test_a_full_state_disk_does_not_stop_the_disk_limit_kill(

@@ -23,9 +23,11 @@ from boincd_containers.shim.initdata import parse_init_data
 from boincd_containers.shim.jobfile import JobSpec
 from boincd_containers.shim.runner import Runner, task_request
 from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.state import TaskKey
 from boincd_containers.watch.webgraphics import GraphicsUnavailable, Streams, WebGraphics
 
 RESULT = "wu_gfx_0"
+KEY = TaskKey("proj", RESULT)
 
 
 def body(slot: Path, **extra: Any) -> dict[str, Any]:
@@ -132,7 +134,7 @@ class AppServer:
 def running_record(registry: Registry, port: int = 80) -> TaskRecord:
     record = TaskRecord(RESULT, "proj", container_id="c1", state="running", pid=4242)
     record.web_graphics_port = port
-    registry.tasks[RESULT] = record
+    registry.store.add(record)
     return record
 
 
@@ -168,7 +170,7 @@ async def test_listens_on_loopback_only_and_relays_to_the_guest_port() -> None:
             "url": f"http://127.0.0.1:{port}/",
             "error": None,
         }
-        listener = web._listeners[RESULT]
+        listener = web._listeners[KEY]
         assert [s.getsockname()[0] for s in listener.server.sockets] == ["127.0.0.1"]
         page = await fetch(port)
         assert page.startswith(b"HTTP/1.0 200 OK")
@@ -211,7 +213,7 @@ async def test_a_task_not_running_is_not_reached_and_a_gone_task_stops_listening
         record.state, record.pid = "paused", 4242
         assert b"The task is suspended" in await fetch(port)
         assert app.opened == []
-        del registry.tasks[RESULT]
+        registry.store.drop(registry.get(RESULT))
         await web.sync()
         assert web._listeners == {}
         with pytest.raises(ConnectionRefusedError):
@@ -252,7 +254,7 @@ async def test_an_app_not_listening_yet_is_said_and_the_listener_stays() -> None
         assert page.startswith(b"HTTP/1.0 503")
         assert b"nothing answers on port 80 in its container" in page
         assert web.task_fields(record)["web_graphics"]["error"] is None
-        assert RESULT in web._listeners
+        assert KEY in web._listeners
 
 
 # -- the shim -----------------------------------------------------------------------
