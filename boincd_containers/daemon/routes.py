@@ -19,7 +19,7 @@ from boincd_containers.core.log import get_logger
 from boincd_containers.daemon import metrics
 from boincd_containers.daemon.peercred import Peer, peer_credentials
 from boincd_containers.daemon.service import Daemon, Feature
-from boincd_containers.engine.adapter import log_tail_lines
+from boincd_containers.engine.streams import log_tail_lines
 from boincd_containers.gc import collector as gc
 from boincd_containers.gc import inventory
 from boincd_containers.job.spec import check_name, parse_request
@@ -343,7 +343,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     try:
         async with contextlib.aclosing(
-            daemon.engine.stream_logs(record.container_id, tail)
+            daemon.engine.containers.stream_logs(record.container_id, tail)
         ) as chunks:
             # Engine errors come before the first chunk, while a JSON error can
             # still be answered.

@@ -22,7 +22,7 @@ from boincd_containers.core.errors import BoincdError, Conflict, NotFound
 from boincd_containers.core.log import get_logger
 from boincd_containers.core.persist import PersistentSet
 from boincd_containers.core.settings import Settings
-from boincd_containers.engine.adapter import Engine
+from boincd_containers.engine.protocols import TaskEngine
 from boincd_containers.host.mounts import MountTable
 from boincd_containers.images.cache import ImageCache
 from boincd_containers.job.spec import (
@@ -48,7 +48,7 @@ class TaskManager:
     def __init__(
         self,
         settings: Settings,
-        engine: Engine,
+        engine: TaskEngine,
         registry: Registry,
         images: ImageCache,
         gpus: GpuService | None = None,
@@ -150,7 +150,7 @@ class TaskManager:
         old name before an upgrade; refuse anyone else's."""
         for name in (request.name, L.legacy_container_name(request.project, request.result)):
             try:
-                data = await self.engine.inspect_container(name)
+                data = await self.engine.containers.inspect(name)
                 break
             except NotFound:
                 continue
@@ -175,7 +175,7 @@ class TaskManager:
         """Our container for this result that appeared after the lookup: the create
         of a daemon killed while the engine was still at it. None: not ours."""
         try:
-            data = await self.engine.inspect_container(request.name)
+            data = await self.engine.containers.inspect(request.name)
         except NotFound:
             return None
         labels = (data.get("Config") or {}).get("Labels") or {}
@@ -222,7 +222,7 @@ class TaskManager:
                 config = await self.gpus.apply(request, config, kind)
             async with self.locked(request.result):
                 try:
-                    container_id = await self.engine.create_container(request.name, config)
+                    container_id = await self.engine.containers.create(request.name, config)
                 except Conflict:
                     adopted = await self._created_meanwhile(request)
                     if adopted is None:
@@ -295,10 +295,10 @@ class TaskManager:
                         killed_while_detached=record.killed_while_detached,
                     )
                 await self._ensure_mounts(record)
-                await self.engine.start_container(record.container_id)
+                await self.engine.containers.start(record.container_id)
                 self.detached.discard(result)
             elif record.state == "paused":
-                await self.engine.unpause_container(record.container_id)
+                await self.engine.containers.unpause(record.container_id)
             await self.registry.refresh(record)
             if self.on_start is not None and record.state == "running":
                 self.on_start(record)
@@ -306,7 +306,7 @@ class TaskManager:
 
     async def _ensure_mounts(self, record: TaskRecord) -> None:
         """The engine resolves mount sources at start: make sure they are ours."""
-        data = await self.engine.inspect_container(record.container_id)
+        data = await self.engine.containers.inspect(record.container_id)
         name = str(data.get("Name") or "").lstrip("/")
         self.mounts.ensure(name, data)
 
@@ -314,7 +314,7 @@ class TaskManager:
         async with self.locked(result):
             record = self._ready(result)
             if record.state == "running":
-                await self.engine.pause_container(record.container_id)
+                await self.engine.containers.pause(record.container_id)
             return await self.registry.refresh(record)
 
     async def detach(self, result: str) -> TaskRecord:
@@ -326,7 +326,7 @@ class TaskManager:
             # container running. The mark is kept in memory all the same (the
             # StateWriteError that follows is retryable and undoes nothing).
             if record.state == "running":
-                await self.engine.pause_container(record.container_id)
+                await self.engine.containers.pause(record.container_id)
             await self.registry.refresh(record)
             record.detached = True
             self.detached.add(result)
@@ -336,7 +336,7 @@ class TaskManager:
         async with self.locked(result):
             record = self._ready(result)
             if record.state == "paused":
-                await self.engine.unpause_container(record.container_id)
+                await self.engine.containers.unpause(record.container_id)
             return await self.registry.refresh(record)
 
     async def set_network(self, result: str, connected: bool) -> TaskRecord:
@@ -350,15 +350,15 @@ class TaskManager:
                 )
             network = await self._task_network(record)
             if connected:
-                await self.engine.connect_network(network, record.container_id)
+                await self.engine.networks.connect(network, record.container_id)
             else:
-                await self.engine.disconnect_network(network, record.container_id)
+                await self.engine.networks.disconnect(network, record.container_id)
             return await self.registry.refresh(record)
 
     async def _task_network(self, record: TaskRecord) -> str:
         """The network the container was created on: `network_name` may have changed
         since (a daemon restarted with another config), the container's has not."""
-        data = await self.engine.inspect_container(record.container_id)
+        data = await self.engine.containers.inspect(record.container_id)
         mode = str((data.get("HostConfig") or {}).get("NetworkMode") or "")
         if mode == "default":  # the engine's alias of its bridge network
             return "bridge"
@@ -375,7 +375,7 @@ class TaskManager:
                 await asyncio.gather(task, return_exceptions=True)
             record = self.registry.tasks.pop(result, None)
             if record is not None and record.container_id:
-                await self.engine.remove_container(record.container_id)
+                await self.engine.containers.remove(record.container_id)
                 self.release_mounts(L.container_name(record.project, record.result))
             if self.gpus is not None:
                 self.gpus.release(result)

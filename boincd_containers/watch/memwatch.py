@@ -32,7 +32,7 @@ from boincd_containers.watch.limits import LIMITS, ExceededLog
 
 if TYPE_CHECKING:
     from boincd_containers.daemon.service import Daemon
-    from boincd_containers.engine.adapter import Engine
+    from boincd_containers.engine.protocols import MemoryWatchEngine
     from boincd_containers.tasks.manager import TaskManager
     from boincd_containers.tasks.registry import Registry
 
@@ -53,7 +53,7 @@ def watched(record: TaskRecord) -> bool:
 class MemoryWatch:
     def __init__(
         self,
-        engine: Engine,
+        engine: MemoryWatchEngine,
         registry: Registry,
         tasks: TaskManager,
         exceeded: ExceededLog,
@@ -124,7 +124,7 @@ class MemoryWatch:
                 used_bytes=used,
                 bound_bytes=bound,
             )
-            await self.engine.kill_container(container_id)
+            await self.engine.containers.kill(container_id)
             await self.registry.refresh(record)
 
     # -- StatusProvider --------------------------------------------------------------

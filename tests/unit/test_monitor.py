@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import cast
 
-from boincd_containers.engine.adapter import Engine
 from boincd_containers.host.cgroups import CgroupGone, CgroupReader, CgroupSample, MemoryUsage
 from boincd_containers.tasks.registry import Registry, TaskRecord
 from boincd_containers.testing.fakes import FakeEngine
@@ -33,7 +32,7 @@ class FakeReader:
 
 
 def rig() -> tuple[Monitor, FakeReader, TaskRecord]:
-    registry = Registry(cast(Engine, FakeEngine()), "me")
+    registry = Registry(FakeEngine(), "me")
     record = TaskRecord("r_1", "proj", container_id="c1", state="running", pid=42)
     registry.tasks["r_1"] = record
     reader = FakeReader()
@@ -94,7 +93,7 @@ def test_last_figures_are_kept_after_exit_and_dropped_with_the_task() -> None:
 async def test_a_tick_over_many_tasks_lets_requests_in_between() -> None:
     import asyncio
 
-    registry = Registry(cast(Engine, FakeEngine()), "me")
+    registry = Registry(FakeEngine(), "me")
     for n in range(16):
         registry.tasks[f"r_{n}"] = TaskRecord(
             f"r_{n}", "proj", container_id=f"c{n}", state="running", pid=100 + n
