@@ -18,7 +18,7 @@ from boincd_containers.core.log import get_logger
 from boincd_containers.daemon import metrics
 from boincd_containers.daemon.keys import COLLECTOR, DAEMON, INVENTORY
 from boincd_containers.daemon.peercred import Peer, peer_credentials
-from boincd_containers.engine.adapter import log_tail_lines
+from boincd_containers.engine.streams import log_tail_lines
 from boincd_containers.job.spec import check_name, parse_request
 
 if TYPE_CHECKING:
@@ -325,7 +325,7 @@ _LOG_WRITE_TIMEOUT_S = 30.0
 @routes.get("/v1/tasks/{result}/logs")
 async def task_logs(request: web.Request) -> web.StreamResponse:
     """The end of the task's output: `tail` lines (default 200; `all` or -1: as
-    many as the cap allows), at most engine.LOG_BYTES_MAX bytes, streamed."""
+    many as the cap allows), at most engine.streams.LOG_BYTES_MAX bytes, streamed."""
     daemon = request.app[DAEMON]
     record = daemon.registry.get(*_task_of(request))
     try:
@@ -337,7 +337,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     try:
         async with contextlib.aclosing(
-            daemon.engine.stream_logs(record.container_id, tail)
+            daemon.engine.containers.stream_logs(record.container_id, tail)
         ) as chunks:
             # Engine errors come before the first chunk, while a JSON error can
             # still be answered.

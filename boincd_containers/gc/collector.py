@@ -56,7 +56,7 @@ from boincd_containers.tasks.state import UNPREPARED_STATES, TaskKey
 
 if TYPE_CHECKING:
     from boincd_containers.core.settings import Settings
-    from boincd_containers.engine.adapter import Engine
+    from boincd_containers.engine.protocols import CollectorEngine, DiskUsageEngine
     from boincd_containers.gc.inventory import Inventory
     from boincd_containers.tasks.manager import TaskManager
     from boincd_containers.tasks.registry import Registry
@@ -73,7 +73,7 @@ class Collector:
     def __init__(
         self,
         settings: Settings,
-        engine: Engine,
+        engine: CollectorEngine,
         registry: Registry,
         tasks: TaskManager,
         state_dir: Path,
@@ -106,7 +106,7 @@ class Collector:
                 )
             report = GcReport(dry_run, at=self.clock())
             sizes = _VolumeSizes(self.engine)
-            containers = await self.engine.list_containers(self.registry.owner_labels)
+            containers = await self.engine.containers.list(self.registry.owner_labels)
             present: set[str] = set()
             for summary in containers:
                 labels = summary.get("Labels") or {}
@@ -172,13 +172,13 @@ class Collector:
         async with self.tasks.locked(key):
             try:
                 # Decided again under the lock, from the engine's current word.
-                data = await self.engine.inspect_container(cid)
+                data = await self.engine.containers.inspect(cid)
                 reason = container_verdict(
                     self._facts(data, key, self.clock(), report.dry_run), grace, lease
                 )
                 if reason is None:
                     return
-                data = await self.engine.inspect_container(cid, size=True)
+                data = await self.engine.containers.inspect(cid, size=True)
             except NotFound:
                 return  # removed meanwhile (its shim finished, or an abort)
             name = str(data.get("Name", cid)).lstrip("/")
@@ -196,13 +196,13 @@ class Collector:
                         report.removed.append(await self._volume_removal(volume, name, sizes))
                 return
             vol_removals = [await self._volume_removal(v, name, sizes) for v in volumes]
-            await self.engine.remove_container(cid)
+            await self.engine.containers.remove(cid)
             self.tasks.release_mounts(name)
             report.removed.append(removal)
             log.info("collected task container", container=cid[:12], reason=reason)
             for volume, vol_removal in zip(volumes, vol_removals, strict=True):
                 try:
-                    await self.engine.inspect_volume(volume)
+                    await self.engine.volumes.inspect(volume)
                 except NotFound:
                     report.removed.append(vol_removal)  # went with its container
             self._forget_task(key, cid)
@@ -213,7 +213,7 @@ class Collector:
         container of that name exists, ours or not."""
         live = {
             str(n).lstrip("/")
-            for c in await self.engine.list_containers({})
+            for c in await self.engine.containers.list({})
             for n in c.get("Names") or []
         }
         self.tasks.mounts.sweep(live)
@@ -234,7 +234,7 @@ class Collector:
     async def _volumes(self, report: GcReport, sizes: _VolumeSizes) -> None:
         volumes = [
             v
-            for v in await self.engine.list_volumes(self.registry.owner_labels)
+            for v in await self.engine.volumes.list(self.registry.owner_labels)
             if L.is_ours(v.get("Labels") or {}, self.registry.instance_id)
         ]
         if not volumes:
@@ -242,7 +242,7 @@ class Collector:
         # Used by any container at all, ours or not: in use is in use.
         in_use = {
             str(m.get("Name"))
-            for c in await self.engine.list_containers({})
+            for c in await self.engine.containers.list({})
             for m in c.get("Mounts") or []
             if m.get("Type") == "volume"
         }
@@ -276,7 +276,7 @@ class Collector:
             lock = self.tasks.locked(key) if result else contextlib.nullcontext()
             async with lock:
                 try:
-                    await self.engine.remove_volume(name)
+                    await self.engine.volumes.remove(name)
                 except BoincdError as exc:  # taken into use meanwhile: kept
                     report.errors.append(exc.message)
                     continue
@@ -383,7 +383,7 @@ class _VolumeSizes:
     """Volume sizes from `GET /system/df`, fetched at most once per pass and only when
     a volume is about to go: the call is slow, the answer exact."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: DiskUsageEngine) -> None:
         self.engine = engine
         self._usage: dict[str, dict[str, Any]] | None = None
 

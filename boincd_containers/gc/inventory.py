@@ -32,7 +32,7 @@ from boincd_containers.core import labels as L
 from boincd_containers.core.errors import BoincdError, NotFound, Unavailable
 from boincd_containers.core.log import get_logger
 from boincd_containers.core.settings import Settings
-from boincd_containers.engine.adapter import Engine
+from boincd_containers.engine.protocols import InventoryEngine, LayersEngine
 from boincd_containers.images.accounting import (
     DiskAccount,
     ImageData,
@@ -58,7 +58,7 @@ class Inventory:
     """The accounting, the pins, the budget and the loop that keeps them current."""
 
     def __init__(
-        self, engine: Engine, registry: Registry, images: ImageCache, settings: Settings
+        self, engine: InventoryEngine, registry: Registry, images: ImageCache, settings: Settings
     ) -> None:
         self.engine = engine
         self.registry = registry
@@ -94,7 +94,7 @@ class Inventory:
     async def sync_images(self) -> None:
         """Make the account list exactly the engine's images (`GET /images/json`)."""
         async with self._sync_lock:
-            listed = {normalize_id(str(i["Id"])): i for i in await self.engine.list_images()}
+            listed = {normalize_id(str(i["Id"])): i for i in await self.engine.images.list()}
             for usage in self.account.images():
                 if usage.id not in listed:
                     self.account.remove_image(usage.id)
@@ -117,7 +117,7 @@ class Inventory:
         """Writable layers of our containers, and our labelled volumes."""
         owner = {L.OWNER: self.registry.instance_id}
         listed_at = time.monotonic()
-        containers = await self.engine.list_containers(owner, size=True)
+        containers = await self.engine.containers.list(owner, size=True)
         seen = set()
         for summary in containers:
             cid = str(summary["Id"])
@@ -128,7 +128,7 @@ class Inventory:
         for cid in set(self.container_images) - seen:
             if self._fresh_at.get(cid, -1.0) < listed_at:
                 self._forget_container(cid)
-        volumes = await self.engine.list_volumes(owner)
+        volumes = await self.engine.volumes.list(owner)
         names = {str(v["Name"]) for v in volumes}
         for gone in self._volume_names - names:
             self.account.remove_volume(gone)
@@ -142,7 +142,7 @@ class Inventory:
         """One container's writable layer, now (its final size once it has stopped)."""
         started = time.monotonic()
         try:
-            data = await self.engine.inspect_container(cid, size=True)
+            data = await self.engine.containers.inspect(cid, size=True)
         except NotFound:
             self._forget_container(cid)
             return
@@ -302,7 +302,7 @@ class Inventory:
         """Records of images removed behind our back (by a volunteer) are dropped."""
         for image_id in [i for i in self.images.brought if i not in self.account]:
             try:
-                await self.engine.inspect_image(image_id)
+                await self.engine.images.inspect(image_id)
             except NotFound:
                 if image_id not in self.images.leases.values():
                     self.images.records.forget(image_id)
@@ -330,7 +330,7 @@ class Inventory:
             self._backoff = min(self._backoff * 2, 30.0)
 
     async def _follow(self, since: float) -> None:
-        async for event in self.engine.image_events(since=since):
+        async for event in self.engine.events.follow_images(since=since):
             self.on_image_event(event)
 
     async def _work(self) -> None:
@@ -483,19 +483,19 @@ class Inventory:
 class _LayerSource:
     """accounting.LayerSource over the engine adapter."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: LayersEngine) -> None:
         self.engine = engine
 
     async def image_inspect(self, image_id: str) -> dict[str, Any]:
-        return await self.engine.inspect_image(image_id)
+        return await self.engine.images.inspect(image_id)
 
     async def image_history(self, image_id: str) -> list[dict[str, Any]]:
         try:
-            return await self.engine.image_history(image_id)
+            return await self.engine.images.history(image_id)
         except Unavailable:
             # Docker answers 500 for a config whose history names more layers than
             # it has; if the image is still there, that is the case: fall back.
-            await self.engine.inspect_image(image_id)
+            await self.engine.images.inspect(image_id)
             return []
 
 

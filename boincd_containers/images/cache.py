@@ -37,7 +37,7 @@ from boincd_containers.core.errors import (
     Unavailable,
 )
 from boincd_containers.core.log import get_logger
-from boincd_containers.engine.adapter import Engine
+from boincd_containers.engine.protocols import ImageCacheEngine
 from boincd_containers.host.safepath import READ_FILE, Opened, UnsafePath, inside, open_beneath
 from boincd_containers.images.accounting import normalize_id
 from boincd_containers.images.records import ImageRecords
@@ -87,7 +87,7 @@ class Removal:
 class ImageCache:
     def __init__(
         self,
-        engine: Engine,
+        engine: ImageCacheEngine,
         state_dir: Path,
         owner_id: str,
         *,
@@ -173,7 +173,7 @@ class ImageCache:
 
     async def _inspect(self, ref: str) -> dict[str, Any] | None:
         try:
-            return await self.engine.inspect_image(ref)
+            return await self.engine.images.inspect(ref)
         except NotFound:
             return None
 
@@ -352,7 +352,7 @@ class ImageCache:
         try:
             try:
                 async with asyncio.timeout(self.pull_stall_s) as stall:
-                    await self.engine.pull_image(ref, on_line)
+                    await self.engine.images.pull(ref, on_line)
             except TimeoutError:
                 raise Unavailable(
                     f"pull of {ref} stalled: no data for {self.pull_stall_s:.0f} s "
@@ -435,7 +435,7 @@ class ImageCache:
         self.operations += 1
         try:
             with body:
-                loaded = await self.engine.load_image(body, name=name)
+                loaded = await self.engine.images.load(body, name=name)
         except BoincdError as exc:
             raise self._failed(exc, f"image_archive {name} could not be loaded") from exc
         found = image_id
@@ -486,7 +486,7 @@ class ImageCache:
         log.info("building image", image=tag, result=request.result)
         try:
             try:
-                await self.engine.build_image(
+                await self.engine.images.build(
                     context, tag, labels, request.build_args, on_line, network=network
                 )
             except BoincdError as exc:
@@ -504,8 +504,8 @@ class ImageCache:
                 # The files changed between hashing and sending (the app still
                 # writing): name the image by what it was really built from.
                 final = L.built_image_name(request.project, sent[:16])
-                await self.engine.tag_image(tag, f"{final}:latest")
-                await self.engine.remove_image(tag)  # an untag: the new name stays
+                await self.engine.images.tag(tag, f"{final}:latest")
+                await self.engine.images.remove(tag)  # an untag: the new name stays
                 log.info("build files changed while sent; image named by them", image=final)
                 tag = final
             image_id = await self._present(tag)
@@ -515,7 +515,7 @@ class ImageCache:
             # Steps that did succeed left untagged images behind: ours, remove them.
             for fresh in reversed(tracker.fresh_images):
                 try:
-                    await self.engine.remove_image(fresh)
+                    await self.engine.images.remove(fresh)
                 except BoincdError as cleanup:
                     log.warning(
                         "cannot remove a failed build's step", image=fresh, error=str(cleanup)
@@ -533,7 +533,7 @@ class ImageCache:
         """Give the images we built under the old `boinc__` name their `boincd__`
         name: a BOINC 8.2 client's start-up cleanup removes `boinc__` images that
         no task of its own uses."""
-        for image in await self.engine.list_images({L.OWNER: self.owner_id}):
+        for image in await self.engine.images.list({L.OWNER: self.owner_id}):
             labels = image.get("Labels") or {}
             for old in image.get("RepoTags") or []:
                 repo, _, tag = str(old).rpartition(":")
@@ -545,8 +545,8 @@ class ImageCache:
                 new_name = L.built_image_name(str(labels.get(L.PROJECT, "")), digest)
                 new = f"{registry}/{new_name}:{tag}" if registry else f"{new_name}:{tag}"
                 try:
-                    await self.engine.tag_image(str(image["Id"]), new)
-                    await self.engine.remove_image(old)  # another tag stays: an untag
+                    await self.engine.images.tag(str(image["Id"]), new)
+                    await self.engine.images.remove(old)  # another tag stays: an untag
                 except BoincdError as exc:
                     log.warning("cannot rename a built image", old=old, new=new, error=str(exc))
                     continue
@@ -567,11 +567,11 @@ class ImageCache:
             return "not brought by this daemon"
         if image_id in self.leases.values():
             return "a task is about to use it"
-        containers = await self.engine.list_containers({})
+        containers = await self.engine.containers.list({})
         if any(normalize_id(str(c.get("ImageID", ""))) == image_id for c in containers):
             return "a container uses it"
         try:
-            image = await self.engine.inspect_image(image_id)
+            image = await self.engine.images.inspect(image_id)
         except NotFound:
             self.records.forget(image_id)
             return "already gone"
@@ -591,7 +591,7 @@ class ImageCache:
                 return Removal(image_id, False, reason)
             record = self.records.images.get(image_id) or {}
             try:
-                await self.engine.remove_image(image_id)
+                await self.engine.images.remove(image_id)
             except Conflict as exc:
                 return Removal(image_id, False, exc.message)
             self.records.forget(image_id)

@@ -23,7 +23,7 @@ from boincd_containers.core.errors import BoincdError, Conflict, NotFound
 from boincd_containers.core.log import get_logger, task_context
 from boincd_containers.core.persist import PersistentSet
 from boincd_containers.core.settings import Settings
-from boincd_containers.engine.adapter import Engine
+from boincd_containers.engine.protocols import TaskEngine
 from boincd_containers.host.mounts import MountTable
 from boincd_containers.images.cache import ImageCache
 from boincd_containers.job.spec import (
@@ -50,7 +50,7 @@ class TaskManager:
     def __init__(
         self,
         settings: Settings,
-        engine: Engine,
+        engine: TaskEngine,
         registry: Registry,
         images: ImageCache,
         gpus: GpuService | None = None,
@@ -156,7 +156,7 @@ class TaskManager:
         old name before an upgrade; refuse anyone else's."""
         for name in (request.name, L.legacy_container_name(request.project, request.result)):
             try:
-                data = await self.engine.inspect_container(name)
+                data = await self.engine.containers.inspect(name)
                 break
             except NotFound:
                 continue
@@ -181,7 +181,7 @@ class TaskManager:
         """Our container for this result that appeared after the lookup: the create
         of a daemon killed while the engine was still at it. None: not ours."""
         try:
-            data = await self.engine.inspect_container(request.name)
+            data = await self.engine.containers.inspect(request.name)
         except NotFound:
             return None
         labels = (data.get("Config") or {}).get("Labels") or {}
@@ -228,7 +228,7 @@ class TaskManager:
                 config = await self.gpus.apply(request, config, kind)
             async with self.locked(record.key):
                 try:
-                    container_id = await self.engine.create_container(request.name, config)
+                    container_id = await self.engine.containers.create(request.name, config)
                 except Conflict:
                     adopted = await self._created_meanwhile(request)
                     if adopted is None:
@@ -301,10 +301,10 @@ class TaskManager:
                         killed_while_detached=record.killed_while_detached,
                     )
                 await self._ensure_mounts(record)
-                await self.engine.start_container(record.container_id)
+                await self.engine.containers.start(record.container_id)
                 self.store.clear_detached(key)
             elif record.state == TaskState.PAUSED:
-                await self.engine.unpause_container(record.container_id)
+                await self.engine.containers.unpause(record.container_id)
             await self.registry.refresh(record)
             if self.on_start is not None and record.state == TaskState.RUNNING:
                 self.on_start(record)
@@ -312,7 +312,7 @@ class TaskManager:
 
     async def _ensure_mounts(self, record: TaskRecord) -> None:
         """The engine resolves mount sources at start: make sure they are ours."""
-        data = await self.engine.inspect_container(record.container_id)
+        data = await self.engine.containers.inspect(record.container_id)
         name = str(data.get("Name") or "").lstrip("/")
         self.mounts.ensure(name, data)
 
@@ -321,7 +321,7 @@ class TaskManager:
         async with self.locked(key):
             record = self._ready(key)
             if record.state == TaskState.RUNNING:
-                await self.engine.pause_container(record.container_id)
+                await self.engine.containers.pause(record.container_id)
             return await self.registry.refresh(record)
 
     async def detach(self, result: str, project: str | None = None) -> TaskRecord:
@@ -334,7 +334,7 @@ class TaskManager:
             # container running. The mark is kept in memory all the same (the
             # StateWriteError that follows is retryable and undoes nothing).
             if record.state == TaskState.RUNNING:
-                await self.engine.pause_container(record.container_id)
+                await self.engine.containers.pause(record.container_id)
             await self.registry.refresh(record)
             self.store.set_detached(record)
             return record
@@ -344,7 +344,7 @@ class TaskManager:
         async with self.locked(key):
             record = self._ready(key)
             if record.state == TaskState.PAUSED:
-                await self.engine.unpause_container(record.container_id)
+                await self.engine.containers.unpause(record.container_id)
             return await self.registry.refresh(record)
 
     async def set_network(
@@ -361,15 +361,15 @@ class TaskManager:
                 )
             network = await self._task_network(record)
             if connected:
-                await self.engine.connect_network(network, record.container_id)
+                await self.engine.networks.connect(network, record.container_id)
             else:
-                await self.engine.disconnect_network(network, record.container_id)
+                await self.engine.networks.disconnect(network, record.container_id)
             return await self.registry.refresh(record)
 
     async def _task_network(self, record: TaskRecord) -> str:
         """The network the container was created on: `network_name` may have changed
         since (a daemon restarted with another config), the container's has not."""
-        data = await self.engine.inspect_container(record.container_id)
+        data = await self.engine.containers.inspect(record.container_id)
         mode = str((data.get("HostConfig") or {}).get("NetworkMode") or "")
         if mode == "default":  # the engine's alias of its bridge network
             return "bridge"
@@ -390,7 +390,7 @@ class TaskManager:
                 await asyncio.gather(task, return_exceptions=True)
             record = self.store.get(key)
             if record is not None and record.container_id:
-                await self.engine.remove_container(record.container_id)
+                await self.engine.containers.remove(record.container_id)
                 self.release_mounts(L.container_name(record.project, record.result))
             if record is not None:
                 self.store.drop(record)  # its on_drop hooks release its GPU share

@@ -16,7 +16,7 @@ from typing import Any
 from boincd_containers.core import labels as L
 from boincd_containers.core.errors import BoincdError, NotFound
 from boincd_containers.core.log import get_logger
-from boincd_containers.engine.adapter import Engine
+from boincd_containers.engine.protocols import RegistryEngine
 from boincd_containers.tasks.record import ENGINE_RESTORE_S as ENGINE_RESTORE_S
 from boincd_containers.tasks.record import TaskRecord as TaskRecord
 from boincd_containers.tasks.record import parse_engine_time as parse_engine_time
@@ -38,7 +38,9 @@ def _event_time(event: dict[str, Any]) -> float:
 class Registry:
     """Follows the engine and keeps the task store (its `store`) equal to it."""
 
-    def __init__(self, engine: Engine, instance_id: str, store: TaskStore | None = None) -> None:
+    def __init__(
+        self, engine: RegistryEngine, instance_id: str, store: TaskStore | None = None
+    ) -> None:
         self.engine = engine
         self.instance_id = instance_id
         self.store = store if store is not None else TaskStore()
@@ -67,14 +69,14 @@ class Registry:
 
     async def relist(self) -> None:
         """Make the view equal to the engine's: adopt ours, drop what is gone."""
-        containers = await self.engine.list_containers(self.owner_labels)
+        containers = await self.engine.containers.list(self.owner_labels)
         seen: set[TaskKey] = set()
         for summary in containers:
             labels = summary.get("Labels") or {}
             if not L.is_ours(labels, self.instance_id) or L.RESULT not in labels:
                 continue
             try:
-                data = await self.engine.inspect_container(summary["Id"])
+                data = await self.engine.containers.inspect(summary["Id"])
             except NotFound:
                 continue
             key = TaskKey(labels.get(L.PROJECT, ""), labels[L.RESULT])
@@ -100,8 +102,8 @@ class Registry:
         answer after the rename (the one given when the rename fails)."""
         old, new = str(data.get("Name", "")).lstrip("/"), L.container_name(project, result)
         try:
-            await self.engine.rename_container(str(data["Id"]), new)
-            data = await self.engine.inspect_container(str(data["Id"]))
+            await self.engine.containers.rename(str(data["Id"]), new)
+            data = await self.engine.containers.inspect(str(data["Id"]))
         except BoincdError as exc:
             log.warning(
                 "cannot rename a container to its new name", old=old, new=new, error=str(exc)
@@ -122,7 +124,7 @@ class Registry:
 
     async def refresh(self, record: TaskRecord) -> TaskRecord:
         try:
-            data = await self.engine.inspect_container(record.container_id)
+            data = await self.engine.containers.inspect(record.container_id)
             self.apply(record, data)
         except NotFound:
             self.store.drop(record)
@@ -171,7 +173,7 @@ class Registry:
                 log.info("engine connected", engine=self.engine.info and self.engine.info.kind)
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._periodic_relist(relist_interval_s))
-                    async for event in self.engine.events(self.owner_labels, since=since):
+                    async for event in self.engine.events.follow(self.owner_labels, since=since):
                         await self.handle_event(event)
             except* BoincdError as group_error:
                 self.engine_error = str(group_error.exceptions[0])

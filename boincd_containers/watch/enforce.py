@@ -18,7 +18,7 @@ from boincd_containers.core.log import get_logger
 from boincd_containers.tasks.record import TaskRecord
 
 if TYPE_CHECKING:
-    from boincd_containers.engine.adapter import Engine
+    from boincd_containers.engine.protocols import MemoryWatchEngine
     from boincd_containers.tasks.manager import TaskManager
     from boincd_containers.tasks.registry import Registry
     from boincd_containers.watch.limits import ExceededLog
@@ -51,7 +51,7 @@ class Exceeded:
 
 
 async def stop_for_limit(
-    engine: Engine,
+    engine: MemoryWatchEngine,
     registry: Registry,
     tasks: TaskManager,
     exceeded_log: ExceededLog,
@@ -76,6 +76,6 @@ async def stop_for_limit(
             bound_bytes=what.bound_bytes,
             **what.details,
         )
-        await engine.kill_container(container_id)
+        await engine.containers.kill(container_id)
         await registry.refresh(record)
         return True

@@ -44,7 +44,7 @@ from boincd_containers.tasks.state import LIVE_STATES, TaskKey, TaskState
 from boincd_containers.watch.enforce import Exceeded, stop_for_limit
 
 if TYPE_CHECKING:
-    from boincd_containers.engine.adapter import Engine
+    from boincd_containers.engine.protocols import LimitsEngine
     from boincd_containers.tasks.manager import TaskManager
     from boincd_containers.tasks.registry import Registry
 
@@ -211,7 +211,7 @@ class DiskLimits:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: LimitsEngine,
         registry: Registry,
         tasks: TaskManager,
         state_dir: Path,
@@ -283,7 +283,7 @@ class DiskLimits:
     async def _layout(self, container_id: str) -> _Layout:
         layout = self._layouts.get(container_id)
         if layout is None or not layout.final:
-            data = await self.engine.inspect_container(container_id)
+            data = await self.engine.containers.inspect(container_id)
             driver = data.get("GraphDriver") or {}
             upper = (driver.get("Data") or {}).get("UpperDir")
             volumes = tuple(
@@ -312,7 +312,7 @@ class DiskLimits:
             # No upper dir of ours to read (another storage driver, a remote or
             # rootless engine): the engine walks the same files for SizeRw.
             method = "engine"
-            data = await self.engine.inspect_container(container_id, size=True)
+            data = await self.engine.containers.inspect(container_id, size=True)
             writable = int(data.get("SizeRw") or 0)
         volumes = 0
         for path in layout.volume_dirs:

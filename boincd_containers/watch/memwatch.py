@@ -30,7 +30,7 @@ from boincd_containers.watch.enforce import Exceeded, stop_for_limit
 from boincd_containers.watch.limits import ExceededLog
 
 if TYPE_CHECKING:
-    from boincd_containers.engine.adapter import Engine
+    from boincd_containers.engine.protocols import MemoryWatchEngine
     from boincd_containers.tasks.manager import TaskManager
     from boincd_containers.tasks.registry import Registry
 
@@ -51,7 +51,7 @@ def watched(record: TaskRecord) -> bool:
 class MemoryWatch:
     def __init__(
         self,
-        engine: Engine,
+        engine: MemoryWatchEngine,
         registry: Registry,
         tasks: TaskManager,
         exceeded: ExceededLog,

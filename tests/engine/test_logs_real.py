@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from boincd_containers.core import labels as L
-from boincd_containers.engine.adapter import LOG_BYTES_MAX
+from boincd_containers.engine.streams import LOG_BYTES_MAX
 from boincd_containers.job.spec import LOG_FILE_MAX_BYTES, LOG_FILES
 from boincd_containers.testing.daemon import TEST_IMAGE, DaemonProcess
 from boincd_containers.testing.podman import ENGINES, TestEngine

@@ -67,26 +67,26 @@ async def test_connect_knows_rootful_podman_and_its_limits(adapter: Engine) -> N
 async def test_verbs_are_idempotent_and_errors_classified(adapter: Engine, owner: str) -> None:
     await adapter.connect()
     name = f"bd_{owner}"
-    cid = await adapter.create_container(name, body(owner, "sleep 300"))
+    cid = await adapter.containers.create(name, body(owner, "sleep 300"))
     with pytest.raises(Conflict):  # Podman: 500 "that name is already in use"
-        await adapter.create_container(name, body(owner, "sleep 300"))
+        await adapter.containers.create(name, body(owner, "sleep 300"))
     with pytest.raises(NotFound):
-        await adapter.start_container(f"{name}_missing")
-    await adapter.start_container(cid)
-    await adapter.pause_container(cid)
-    await adapter.pause_container(cid)  # Podman: 500 "is already paused"
-    assert (await adapter.inspect_container(cid))["State"]["Paused"] is True
-    await adapter.unpause_container(cid)
-    await adapter.unpause_container(cid)  # Podman: 500 "is not paused"
-    await adapter.kill_container(cid)
-    assert await adapter.wait_container(cid, timeout=60) == 137
-    await adapter.kill_container(cid)  # Podman: 500 "can only kill running containers"
+        await adapter.containers.start(f"{name}_missing")
+    await adapter.containers.start(cid)
+    await adapter.containers.pause(cid)
+    await adapter.containers.pause(cid)  # Podman: 500 "is already paused"
+    assert (await adapter.containers.inspect(cid))["State"]["Paused"] is True
+    await adapter.containers.unpause(cid)
+    await adapter.containers.unpause(cid)  # Podman: 500 "is not paused"
+    await adapter.containers.kill(cid)
+    assert await adapter.containers.wait(cid, timeout=60) == 137
+    await adapter.containers.kill(cid)  # Podman: 500 "can only kill running containers"
     # Network "none": Podman refuses network verbs ("invalid network mode"); nothing to undo.
-    await adapter.disconnect_network("bridge", cid)
-    await adapter.remove_container(cid)
-    await adapter.remove_container(cid)
+    await adapter.networks.disconnect("bridge", cid)
+    await adapter.containers.remove(cid)
+    await adapter.containers.remove(cid)
     with pytest.raises(NotFound):
-        await adapter.inspect_container(cid)
+        await adapter.containers.inspect(cid)
 
 
 async def test_limits_and_user_are_applied_and_logs_demultiplexed(
@@ -102,15 +102,15 @@ async def test_limits_and_user_are_applied_and_logs_demultiplexed(
         PidsLimit=100,
     )
     config["User"] = "4321:4322"
-    cid = await adapter.create_container(f"bd_{owner}", config)
-    data = await adapter.inspect_container(cid)
+    cid = await adapter.containers.create(f"bd_{owner}", config)
+    data = await adapter.containers.inspect(cid)
     host = data["HostConfig"]
     assert (host["NanoCpus"], host["Memory"], host["PidsLimit"]) == (500_000_000, 64 * 2**20, 100)
     assert data["Config"]["User"] == "4321:4322"  # rootful: no namespace to map into
     assert "org.boinc.containers.unenforced" not in data["Config"]["Labels"]
-    await adapter.start_container(cid)
-    assert await adapter.wait_container(cid, timeout=60) == 0
-    assert sorted((await adapter.container_logs(cid, 10)).split()) == ["err", "out"]
+    await adapter.containers.start(cid)
+    assert await adapter.containers.wait(cid, timeout=60) == 0
+    assert sorted((await adapter.containers.logs(cid, 10)).split()) == ["err", "out"]
 
 
 async def test_events_follow_our_label_with_dockers_action_names(
@@ -123,7 +123,7 @@ async def test_events_follow_our_label_with_dockers_action_names(
         # aclosing: the stream's connection is closed when we stop reading, not at GC.
         events = cast(
             AsyncGenerator[dict[str, Any], None],
-            adapter.events({OWNER: owner}, since=time.time() - 1),
+            adapter.events.follow({OWNER: owner}, since=time.time() - 1),
         )
         async with contextlib.aclosing(events):
             async for event in events:
@@ -134,10 +134,10 @@ async def test_events_follow_our_label_with_dockers_action_names(
     follower = asyncio.create_task(follow())
     try:
         await asyncio.sleep(0.5)  # the stream is open before the first event
-        cid = await adapter.create_container(f"bd_{owner}", body(owner, "exit 3"))
-        await adapter.start_container(cid)
-        assert await adapter.wait_container(cid, timeout=60) == 3
-        await adapter.remove_container(cid)
+        cid = await adapter.containers.create(f"bd_{owner}", body(owner, "exit 3"))
+        await adapter.containers.start(cid)
+        assert await adapter.containers.wait(cid, timeout=60) == 3
+        await adapter.containers.remove(cid)
         await asyncio.wait_for(follower, 30)
     finally:
         follower.cancel()

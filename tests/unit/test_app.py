@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import cast
 
 from aiohttp import web
 
 from boincd_containers.core.settings import Settings
 from boincd_containers.daemon import keys
 from boincd_containers.daemon.app import Daemon, make_app
-from boincd_containers.engine.adapter import Engine
 from boincd_containers.testing.fakes import FakeEngine
 
 
 def _daemon(tmp_path: Path) -> tuple[Daemon, FakeEngine]:
     engine = FakeEngine()
     settings = Settings(state_dir=str(tmp_path / "state"), gpu_backend="none", gc_interval_s=0)
-    return Daemon(settings, engine=cast(Engine, engine)), engine
+    return Daemon(settings, engine=engine), engine
 
 
 def test_the_engine_is_passed_in_and_shared_by_every_component(tmp_path: Path) -> None:

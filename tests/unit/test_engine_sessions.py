@@ -81,13 +81,13 @@ async def test_a_reset_leaves_streams_and_calls_in_flight_alone(
 
     async def follow() -> None:
         try:
-            async for event in engine.events({}):
+            async for event in engine.events.follow({}):
                 seen.append(str(event.get("Action")))
         except Unavailable as exc:
             seen.append(exc.message)
 
     async def pull() -> None:
-        await engine.pull_image("proj/app:1", lambda line: pulled.append(str(line["status"])))
+        await engine.images.pull("proj/app:1", lambda line: pulled.append(str(line["status"])))
 
     async with asyncio.timeout(30), asyncio.TaskGroup() as group:
         follower = group.create_task(follow())
@@ -96,11 +96,11 @@ async def test_a_reset_leaves_streams_and_calls_in_flight_alone(
         fake.events.put_nowait({"Type": "container", "Action": "start"})
         while not seen:  # noqa: ASYNC110 - the stream's own progress, nothing to await
             await asyncio.sleep(0.01)
-        old = engine._client
+        old = engine.session._client
 
         # Another loop's re-list fails, and it resets the engine, as follow() does.
         with pytest.raises(Unavailable):
-            await engine.list_containers({})
+            await engine.containers.list({})
         await engine.reset()
 
         # The stream and the pull go on over the old session...
@@ -115,8 +115,8 @@ async def test_a_reset_leaves_streams_and_calls_in_flight_alone(
         assert not old.session.closed
         # ...while new calls get a new one.
         fake.list_fails = False
-        assert await engine.list_containers({}) == []
-        assert engine._client is not old
+        assert await engine.containers.list({}) == []
+        assert engine.session._client is not old
 
         # The old session closes with the last call that used it.
         fake.events.put_nowait(None)
@@ -124,9 +124,9 @@ async def test_a_reset_leaves_streams_and_calls_in_flight_alone(
         assert seen[-1] == "engine events: the stream ended"
     assert old is not None
     assert old.session.closed
-    assert engine._users == {}
+    assert engine.session._users == {}
     await engine.close()
-    assert engine._client is None
+    assert engine.session._client is None
 
 
 async def test_a_reset_with_nothing_in_flight_closes_the_session_at_once(
@@ -135,8 +135,8 @@ async def test_a_reset_with_nothing_in_flight_closes_the_session_at_once(
     fake, host = api
     fake.list_fails = False
     engine = Engine(host, timeout_s=30)
-    await engine.list_containers({})
-    old = engine._client
+    await engine.containers.list({})
+    old = engine.session._client
     await engine.reset()
     assert old is not None
     assert old.session.closed

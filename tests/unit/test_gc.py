@@ -14,9 +14,8 @@ from typing import Any, cast
 import pytest
 
 from boincd_containers.core import labels as L
-from boincd_containers.core.errors import Conflict, NotFound, Unavailable
+from boincd_containers.core.errors import NotFound, Unavailable
 from boincd_containers.core.settings import Settings
-from boincd_containers.engine.adapter import Engine
 from boincd_containers.gc.collector import Collector
 from boincd_containers.gc.policy import (
     ContainerFacts,
@@ -32,7 +31,7 @@ from boincd_containers.tasks.manager import TaskManager
 from boincd_containers.tasks.registry import Registry, TaskRecord
 from boincd_containers.tasks.state import TaskKey
 from boincd_containers.tasks.store import TaskStore
-from boincd_containers.testing.fakes import FakeEngine
+from boincd_containers.testing.fakes import JSON, FakeContainers, FakeEngine, JSONList
 
 GRACE, LEASE = 100.0, 1000.0
 LONG_AGO = "2000-01-01T00:00:00Z"
@@ -212,78 +211,63 @@ def test_lease_book_saves_only_real_changes_and_survives_a_bad_disk(tmp_path: Pa
 # -- the collector on the fake engine ---------------------------------------------------------
 
 
+class GcContainers(FakeContainers):
+    """Containers with mounts and writable-layer sizes; removed with their
+    anonymous volumes."""
+
+    def __init__(self, engine: GcEngine) -> None:
+        super().__init__(engine)
+        self.fake = engine
+
+    async def create(self, name: str, config: JSON) -> str:
+        cid = await super().create(name, config)
+        self.by_id[cid]["Mounts"] = []
+        return cid
+
+    async def inspect(self, ref: str, *, size: bool = False) -> JSON:
+        data = dict(await super().inspect(ref))
+        if size:
+            data["SizeRw"] = self.fake.sizes.get(data["Id"], 0)
+        return data
+
+    async def list(self, labels: dict[str, str], *, size: bool = False) -> JSONList:
+        listed = await super().list(labels)
+        for item in listed:
+            item["Mounts"] = self.by_id[item["Id"]].get("Mounts", [])
+        return listed
+
+    async def remove(self, ref: str) -> None:
+        try:
+            data = self.get(ref)
+        except NotFound:
+            return
+        for mount in data.get("Mounts", []):
+            if len(mount["Name"]) == 64:  # anonymous: `rm -v` takes it
+                self.fake.volumes.by_name.pop(mount["Name"], None)
+        await super().remove(ref)
+
+
 class GcEngine(FakeEngine):
     """FakeEngine plus what the collector needs: sizes, mounts, volumes, system df."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.volumes: dict[str, dict[str, Any]] = {}
         self.sizes: dict[str, int] = {}  # container id or volume name -> bytes
-
-    async def create_container(self, name: str, config: dict[str, Any]) -> str:
-        cid = await super().create_container(name, config)
-        self.containers[cid]["Mounts"] = []
-        return cid
+        self.containers: GcContainers = GcContainers(self)
 
     def mount_volume(
         self, cid: str, name: str, size: int, labels: dict[str, str] | None = None
     ) -> None:
-        self.volumes[name] = {"Name": name, "Labels": labels or {}, "CreatedAt": LONG_AGO}
+        self.volumes.by_name[name] = {"Name": name, "Labels": labels or {}, "CreatedAt": LONG_AGO}
         self.sizes[name] = size
-        self.containers[cid]["Mounts"].append({"Type": "volume", "Name": name})
+        self.containers.by_id[cid]["Mounts"].append({"Type": "volume", "Name": name})
 
-    async def inspect_container(self, ref: str, *, size: bool = False) -> dict[str, Any]:
-        data = dict(await super().inspect_container(ref))
-        if size:
-            data["SizeRw"] = self.sizes.get(data["Id"], 0)
-        return data
-
-    async def list_containers(
-        self, labels: dict[str, str], *, size: bool = False
-    ) -> list[dict[str, Any]]:
-        listed = await super().list_containers(labels)
-        for item in listed:
-            item["Mounts"] = self.containers[item["Id"]].get("Mounts", [])
-        return listed
-
-    async def remove_container(self, ref: str) -> None:
-        try:
-            data = self._get(ref)
-        except NotFound:
-            return
-        for mount in data.get("Mounts", []):
-            if len(mount["Name"]) == 64:  # anonymous: `rm -v` takes it
-                self.volumes.pop(mount["Name"], None)
-        await super().remove_container(ref)
-
-    async def list_volumes(self, labels: dict[str, str]) -> list[dict[str, Any]]:
-        self._check()
-        return [
-            v
-            for v in self.volumes.values()
-            if all(v["Labels"].get(k) == val for k, val in labels.items())
-        ]
-
-    async def inspect_volume(self, name: str) -> dict[str, Any]:
-        self._check()
-        if name not in self.volumes:
-            raise NotFound(f"no such volume: {name}")
-        return self.volumes[name]
-
-    async def remove_volume(self, name: str) -> None:
-        self._check()
-        self.calls.append(("remove_volume", name))
-        users = [c for c in self.containers.values() if any(m["Name"] == name for m in c["Mounts"])]
-        if users:
-            raise Conflict(f"remove {name}: volume is in use")
-        self.volumes.pop(name, None)
-
-    async def system_df(self) -> dict[str, Any]:
-        self._check()
+    async def system_df(self) -> JSON:
+        self.check()
         return {
             "Volumes": [
                 {"Name": n, "UsageData": {"Size": self.sizes.get(n, 0), "RefCount": 0}}
-                for n in self.volumes
+                for n in self.volumes.by_name
             ]
         }
 
@@ -305,7 +289,7 @@ class Rig:
         )
         self.state_dir = Path(self.settings.state_dir)
         self.state_dir.mkdir(exist_ok=True)
-        engine = cast(Engine, self.engine)
+        engine = self.engine
         self.registry = Registry(engine, instance)
         self.registry.engine_error = None
         self.images = ImageCache(engine, self.state_dir, instance)
@@ -379,11 +363,11 @@ async def test_a_finished_task_goes_after_the_grace_with_its_bytes(rig: Rig) -> 
         ("volume", "a" * 64, 777),
     ]
     assert report.freed_bytes == 13122
-    assert rig.engine.containers == {}
+    assert rig.engine.containers.by_id == {}
     assert "done_0" not in results(rig.registry)
     assert record.state == "removed"
     assert rig.released == ["done_0"]
-    assert set(rig.engine.volumes) == {"named-data"}
+    assert set(rig.engine.volumes.by_name) == {"named-data"}
 
 
 async def test_dry_run_reports_the_same_and_changes_nothing(rig: Rig) -> None:
@@ -394,13 +378,13 @@ async def test_dry_run_reports_the_same_and_changes_nothing(rig: Rig) -> None:
     os.rmdir(rig.slot(0))
     await rig.collector.collect()  # notices the slot is gone
     rig.age(GRACE)
-    before = json.dumps(rig.engine.containers, sort_keys=True, default=str)
+    before = json.dumps(rig.engine.containers.by_id, sort_keys=True, default=str)
     calls = len(rig.engine.calls)
 
     dry = await rig.collector.collect(dry_run=True)
     assert dry.dry_run
     assert [(r.kind, r.result, r.bytes) for r in dry.removed] == [("container", "gone_0", 42)]
-    assert json.dumps(rig.engine.containers, sort_keys=True, default=str) == before
+    assert json.dumps(rig.engine.containers.by_id, sort_keys=True, default=str) == before
     assert len(rig.engine.calls) == calls  # no verb at all, only reads
     assert results(rig.registry) == {"gone_0", "keep_0"}
     assert rig.collector.last is None or rig.collector.last.removed == []
@@ -408,7 +392,7 @@ async def test_dry_run_reports_the_same_and_changes_nothing(rig: Rig) -> None:
     real = await rig.collector.collect()
     assert [(r.kind, r.result, r.bytes) for r in real.removed] == [("container", "gone_0", 42)]
     assert results(rig.registry) == {"keep_0"}
-    assert keep.container_id in rig.engine.containers
+    assert keep.container_id in rig.engine.containers.by_id
 
 
 async def test_a_dry_run_alone_never_starts_the_grace(rig: Rig) -> None:
@@ -430,7 +414,7 @@ async def test_an_active_shim_is_never_collected(rig: Rig) -> None:
         rig.age(GRACE)
         record.last_seen = rig.clock.now - 1  # the shim asks every second
         assert (await rig.collector.collect()).removed == []
-    assert record.container_id in rig.engine.containers
+    assert record.container_id in rig.engine.containers.by_id
 
 
 async def test_the_decision_is_made_again_under_the_results_lock(rig: Rig) -> None:
@@ -446,7 +430,7 @@ async def test_the_decision_is_made_again_under_the_results_lock(rig: Rig) -> No
         record.last_seen = rig.clock.now  # the shim's create-or-attach, under the lock
         init_data(rig.slot(0), "race_0")
     assert (await pass_).removed == []
-    assert record.container_id in rig.engine.containers
+    assert record.container_id in rig.engine.containers.by_id
 
 
 async def test_the_lease_collects_a_task_whose_client_is_gone(rig: Rig) -> None:
@@ -459,7 +443,7 @@ async def test_the_lease_collects_a_task_whose_client_is_gone(rig: Rig) -> None:
     report = await rig.collector.collect()
     assert removed(report) == {("container", "old_0")}
     assert "lease" in report.removed[0].reason
-    assert record.container_id not in rig.engine.containers
+    assert record.container_id not in rig.engine.containers.by_id
     assert not rig.registry.store.is_detached(TaskKey("proj", "old_0"))
 
 
@@ -467,27 +451,35 @@ async def test_volumes_without_a_container_go_foreign_and_used_ones_stay(rig: Ri
     record = await rig.task("vol_0", 0)
     ours = {L.OWNER: "me"}
     rig.engine.mount_volume(record.container_id, "ours-in-use", 10, ours)
-    rig.engine.volumes["ours-free"] = {"Name": "ours-free", "Labels": ours, "CreatedAt": LONG_AGO}
+    rig.engine.volumes.by_name["ours-free"] = {
+        "Name": "ours-free",
+        "Labels": ours,
+        "CreatedAt": LONG_AGO,
+    }
     rig.engine.sizes["ours-free"] = 2048
-    rig.engine.volumes["young"] = {
+    rig.engine.volumes.by_name["young"] = {
         "Name": "young",
         "Labels": ours,
         "CreatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rig.clock.now)),
     }
     # No creation time: its age counts from when the collector first saw it.
-    rig.engine.volumes["timeless"] = {"Name": "timeless", "Labels": ours, "CreatedAt": ""}
-    rig.engine.volumes["volunteers"] = {"Name": "volunteers", "Labels": {}, "CreatedAt": LONG_AGO}
-    rig.engine.volumes["other-daemon"] = {
+    rig.engine.volumes.by_name["timeless"] = {"Name": "timeless", "Labels": ours, "CreatedAt": ""}
+    rig.engine.volumes.by_name["volunteers"] = {
+        "Name": "volunteers",
+        "Labels": {},
+        "CreatedAt": LONG_AGO,
+    }
+    rig.engine.volumes.by_name["other-daemon"] = {
         "Name": "other-daemon",
         "Labels": {L.OWNER: "someone-else"},
         "CreatedAt": LONG_AGO,
     }
     dry = await rig.collector.collect(dry_run=True)
     assert [(r.kind, r.name, r.bytes) for r in dry.removed] == [("volume", "ours-free", 2048)]
-    assert "ours-free" in rig.engine.volumes
+    assert "ours-free" in rig.engine.volumes.by_name
     report = await rig.collector.collect()
     assert [(r.kind, r.name, r.bytes) for r in report.removed] == [("volume", "ours-free", 2048)]
-    assert set(rig.engine.volumes) == {
+    assert set(rig.engine.volumes.by_name) == {
         "ours-in-use",
         "young",
         "timeless",
@@ -496,14 +488,14 @@ async def test_volumes_without_a_container_go_foreign_and_used_ones_stay(rig: Ri
     }
     rig.age(GRACE)
     assert [r.name for r in (await rig.collector.collect()).removed] == ["young", "timeless"]
-    assert set(rig.engine.volumes) == {"ours-in-use", "volunteers", "other-daemon"}
+    assert set(rig.engine.volumes.by_name) == {"ours-in-use", "volunteers", "other-daemon"}
 
 
 async def test_foreign_containers_are_never_judged(rig: Rig) -> None:
     gone = str(rig.tmp / "slots" / "9")
     (rig.tmp / "slots").mkdir(exist_ok=True)
     for owner in ({}, {L.OWNER: "someone-else"}):
-        cid = await rig.engine.create_container(
+        cid = await rig.engine.containers.create(
             f"boincd__proj__x{len(owner)}",
             {
                 "Image": "boincd-test/busybox:latest",
@@ -516,7 +508,7 @@ async def test_foreign_containers_are_never_judged(rig: Rig) -> None:
     await rig.collector.collect()
     rig.age(10 * LEASE)
     assert (await rig.collector.collect()).removed == []
-    assert len(rig.engine.containers) == 2
+    assert len(rig.engine.containers.by_id) == 2
 
 
 async def test_reboot_keeps_unfinished_tasks_and_collects_finished_ones(rig: Rig) -> None:
@@ -526,7 +518,9 @@ async def test_reboot_keeps_unfinished_tasks_and_collects_finished_ones(rig: Rig
     finished = await rig.task("finished_0", 1)
     for record in (unfinished, finished):
         rig.engine.exit(record.container_id, 143)
-        rig.engine.containers[record.container_id]["State"]["FinishedAt"] = "2000-01-01T00:00:00Z"
+        rig.engine.containers.by_id[record.container_id]["State"]["FinishedAt"] = (
+            "2000-01-01T00:00:00Z"
+        )
         await rig.registry.refresh(record)
         assert record.interrupted
     (rig.slot(1) / "init_data.xml").unlink()

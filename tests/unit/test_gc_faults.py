@@ -9,7 +9,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import psutil
 import pytest
@@ -18,17 +18,13 @@ from aiodocker.exceptions import DockerError
 from boincd_containers.core import labels as L
 from boincd_containers.core.errors import NotFound, Unavailable
 from boincd_containers.core.settings import Settings
-from boincd_containers.engine.adapter import (
-    Engine,
-    _translate,
-    engine_process_started_at,
-    process_started_at,
-)
+from boincd_containers.engine.process import engine_process_started_at, process_started_at
+from boincd_containers.engine.session import translate
 from boincd_containers.images.cache import ImageCache
 from boincd_containers.job.spec import parse_request
 from boincd_containers.tasks.manager import TaskManager
 from boincd_containers.tasks.registry import Registry, TaskRecord
-from boincd_containers.testing.fakes import FakeEngine
+from boincd_containers.testing.fakes import FakeContainers, FakeEngine
 
 STARTED = "2030-01-01T00:00:00.000000001Z"
 
@@ -36,11 +32,9 @@ STARTED = "2030-01-01T00:00:00.000000001Z"
 class Rig:
     def __init__(self, engine: FakeEngine, state: Path) -> None:
         self.engine = engine
-        self.registry = Registry(cast(Engine, engine), "me")
-        self.images = ImageCache(cast(Engine, engine), state, "me")
-        self.tasks = TaskManager(
-            Settings(state_dir=str(state)), cast(Engine, engine), self.registry, self.images
-        )
+        self.registry = Registry(engine, "me")
+        self.images = ImageCache(engine, state, "me")
+        self.tasks = TaskManager(Settings(state_dir=str(state)), engine, self.registry, self.images)
 
     async def running(self, slot: Path, result: str = "r_0") -> TaskRecord:
         request = parse_request(
@@ -56,7 +50,7 @@ class Rig:
             while record.state == "preparing":
                 await record.changed.wait()
         await self.tasks.start(result)
-        self.engine.containers[record.container_id]["State"]["StartedAt"] = STARTED
+        self.engine.containers.by_id[record.container_id]["State"]["StartedAt"] = STARTED
         await self.registry.refresh(record)
         return record
 
@@ -110,7 +104,7 @@ async def test_a_stop_signal_from_the_engine_makes_the_exit_an_interruption(
     assert record.to_json()["interrupted"] is True
     # Started again: that stop belongs to the previous run.
     assert (await rig.tasks.start("r_0")).state == "running"
-    rig.engine.containers[record.container_id]["State"]["StartedAt"] = "2030-01-01T00:01:00Z"
+    rig.engine.containers.by_id[record.container_id]["State"]["StartedAt"] = "2030-01-01T00:01:00Z"
     rig.engine.exit(record.container_id, 143)
     await rig.registry.refresh(record)
     assert not record.interrupted
@@ -134,7 +128,7 @@ async def test_an_exit_before_the_engine_last_started_is_an_interruption(
     """Docker without live-restore, restarted while the daemon was down too: no
     event was seen, but the container exited before the engine's process began."""
     record = await rig.running(slot_dir(tmp_path))
-    state = rig.engine.containers[record.container_id]["State"]
+    state = rig.engine.containers.by_id[record.container_id]["State"]
     rig.engine.exit(record.container_id, 143)
     state["FinishedAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
     info = await rig.engine.connect()
@@ -162,7 +156,7 @@ async def test_a_container_the_engine_stopped_as_it_started_again_is_an_interrup
     it answers, each container the dead engine left running (measured: SIGTERM,
     10 s, SIGKILL: exit 137 between the new process's start and its first answer)."""
     record = await rig.running(slot_dir(tmp_path))
-    state = rig.engine.containers[record.container_id]["State"]
+    state = rig.engine.containers.by_id[record.container_id]["State"]
     now = time.time()
     state["StartedAt"] = _iso(now - 600)  # under the engine that died
     info = await rig.engine.connect()
@@ -200,7 +194,7 @@ async def test_the_engine_seen_going_away_makes_an_exit_on_its_return_an_interru
     """Without the engine's start time (a remote engine): the daemon saw the engine
     go while the container ran, and found it exited with a stop signal's status."""
     record = await rig.running(slot_dir(tmp_path))
-    state = rig.engine.containers[record.container_id]["State"]
+    state = rig.engine.containers.by_id[record.container_id]["State"]
     follower = asyncio.ensure_future(rig.registry.follow(3600))
     try:
         await until(lambda: rig.registry.engine_error is None)
@@ -287,6 +281,21 @@ async def test_follow_reconnects_and_resubscribes_after_the_engine_returns(
 # -- a daemon killed while the engine was creating the container --------------------------
 
 
+class LateCreateContainers(FakeContainers):
+    def __init__(self, engine: LateCreateEngine) -> None:
+        super().__init__(engine)
+        self.fake = engine
+
+    async def inspect(self, ref: str, *, size: bool = False) -> dict[str, Any]:
+        late = self.fake.late
+        if late is not None and ref == late["name"]:
+            self.fake.late = None
+            self.fake.misses += 1
+            await super().create(late["name"], late["config"])
+            raise NotFound(f"no such container: {ref}")
+        return await super().inspect(ref, size=size)
+
+
 class LateCreateEngine(FakeEngine):
     """The lookup by name misses a container an earlier daemon's create is still
     making; it exists by the time our own create runs."""
@@ -295,15 +304,7 @@ class LateCreateEngine(FakeEngine):
         super().__init__()
         self.late: dict[str, Any] | None = None
         self.misses = 0
-
-    async def inspect_container(self, ref: str, *, size: bool = False) -> dict[str, Any]:
-        late = self.late
-        if late is not None and ref == late["name"]:
-            self.late = None
-            self.misses += 1
-            await super().create_container(late["name"], late["config"])
-            raise NotFound(f"no such container: {ref}")
-        return await super().inspect_container(ref, size=size)
+        self.containers: LateCreateContainers = LateCreateContainers(self)
 
 
 async def test_a_container_created_by_a_killed_daemon_is_adopted_not_duplicated(
@@ -331,7 +332,7 @@ async def test_a_container_created_by_a_killed_daemon_is_adopted_not_duplicated(
                 await record.changed.wait()
         assert engine.misses == 1
         assert record.state == "created", record.error
-        assert list(engine.containers) == [record.container_id]
+        assert list(engine.containers.by_id) == [record.container_id]
     finally:
         await rig.tasks.close()
         await rig.images.close()
@@ -365,7 +366,7 @@ async def test_a_foreign_container_that_appears_meanwhile_is_still_refused(
                 await record.changed.wait()
         assert record.state == "failed"
         assert "already in use" in str(record.error)
-        assert len(engine.containers) == 1  # the foreign one, untouched
+        assert len(engine.containers.by_id) == 1  # the foreign one, untouched
     finally:
         await rig.tasks.close()
         await rig.images.close()
@@ -379,19 +380,25 @@ def test_a_full_engine_disk_is_a_clear_retryable_error() -> None:
         500,
         {"message": "mkdir /var/lib/docker/overlay2/abc/diff: no space left on device"},
     )
-    error = _translate(exc, "create container boinc__p__r")
+    error = translate(exc, "create container boinc__p__r")
     assert isinstance(error, Unavailable)
     assert error.retryable
     assert "create container boinc__p__r" in error.message
     assert "disk of the container engine is full" in error.message
 
 
-class FullDiskEngine(FakeEngine):
-    async def create_container(self, name: str, config: dict[str, Any]) -> str:
-        raise _translate(
+class FullDiskContainers(FakeContainers):
+    async def create(self, name: str, config: dict[str, Any]) -> str:
+        raise translate(
             DockerError(500, {"message": "write /var/lib/docker/x: no space left on device"}),
             f"create container {name}",
         )
+
+
+class FullDiskEngine(FakeEngine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.containers: FullDiskContainers = FullDiskContainers(self)
 
 
 async def test_a_full_disk_leaves_the_task_waiting_and_nothing_half_made(tmp_path: Path) -> None:
@@ -416,7 +423,7 @@ async def test_a_full_disk_leaves_the_task_waiting_and_nothing_half_made(tmp_pat
         assert record.error is not None
         assert record.error.retryable
         assert "no space left on device" in record.error.message
-        assert engine.containers == {}
+        assert engine.containers.by_id == {}
     finally:
         await rig.tasks.close()
         await rig.images.close()

@@ -9,14 +9,12 @@ import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
 
 import pytest
 
 from boincd_containers.core.errors import Unavailable
 from boincd_containers.core.settings import Settings
 from boincd_containers.daemon.app import Daemon
-from boincd_containers.engine.adapter import Engine
 from boincd_containers.host.gpu import GpuAllocator, GpuTimeout, TimedBackend
 from boincd_containers.host.gpu.fake import FakeGpuBackend
 from boincd_containers.job.spec import parse_request
@@ -105,7 +103,7 @@ async def test_status_answers_with_the_last_known_cards_while_the_driver_hangs(
 async def test_status_does_not_wait_past_its_own_deadline(fake: FakeGpuBackend) -> None:
     """Even a backend without a deadline of its own cannot hold status up."""
 
-    service = GpuService(GpuAllocator(fake), Registry(cast(Engine, FakeEngine()), "me"), 0.05)
+    service = GpuService(GpuAllocator(fake), Registry(FakeEngine(), "me"), 0.05)
     known = await service.snapshot()
     fake.hang = threading.Event()
     try:
@@ -135,7 +133,7 @@ async def test_a_gpu_task_waits_while_the_driver_hangs(
 
     service = GpuService(
         GpuAllocator(TimedBackend(fake, timeout_s=0.05)),
-        Registry(cast(Engine, FakeEngine()), "me"),
+        Registry(FakeEngine(), "me"),
     )
     fake.hang = threading.Event()
     with pytest.raises(Unavailable) as info:

@@ -7,13 +7,12 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from boincd_containers.core import labels as L
 from boincd_containers.core.errors import ImageError, NetworkSuspended, Unavailable
-from boincd_containers.engine.adapter import Engine
 from boincd_containers.images.cache import ImageCache, Removal
 from boincd_containers.images.sources import base_images
 from boincd_containers.job.spec import TaskRequest, parse_request
@@ -31,7 +30,7 @@ def engine() -> ImageEngine:
 
 @pytest.fixture
 async def cache(engine: ImageEngine, tmp_path: Path) -> AsyncIterator[ImageCache]:
-    images = ImageCache(cast(Engine, engine), tmp_path, "me")
+    images = ImageCache(engine, tmp_path, "me")
     yield images
     await images.close()
 
@@ -57,7 +56,7 @@ async def test_sixteen_concurrent_ensures_share_one_pull_and_its_progress(
     resolved = await asyncio.gather(*(cache.ensure(req(tmp_path, r), seen[r].append) for r in seen))
     assert engine.pulls == [APP]
     assert cache.operations == 1
-    assert {r.id for r in resolved} == {engine.images[APP]["Id"]}
+    assert {r.id for r in resolved} == {engine.images.by_ref[APP]["Id"]}
     assert {r.ref for r in resolved} == {APP}
     assert set(cache.leases) == set(seen)  # each task holds the image until its container exists
     # Every waiter saw the pull's progress, not only the first.
@@ -120,7 +119,7 @@ async def test_a_moved_tag_is_picked_up_after_the_interval_and_old_stays_ours(
     cache.records.tags[APP]["resolved_at"] -= 3600
     second = await cache.ensure(req(tmp_path, "r_2"))
     assert second.id != first.id
-    assert second.id == engine.images[APP]["Id"]
+    assert second.id == engine.images.by_ref[APP]["Id"]
     assert engine.pulls == [APP, APP]
     assert {first.id, second.id} <= set(cache.brought)
     assert first.id in engine.store  # still there for the task created from it
@@ -181,7 +180,7 @@ async def test_while_boinc_suspends_network_a_build_from_local_images_runs_witho
 async def test_a_stalled_pull_is_given_up_and_an_unreachable_registry_asked_with_backoff(
     engine: ImageEngine, tmp_path: Path
 ) -> None:
-    cache = ImageCache(cast(Engine, engine), tmp_path, "me", pull_stall_s=0.2)
+    cache = ImageCache(engine, tmp_path, "me", pull_stall_s=0.2)
     try:
         engine.pull_delay = 5.0  # no data at all: stalled
         with pytest.raises(Unavailable, match="stalled: no data for 0 s"):
@@ -251,18 +250,18 @@ async def test_removal_only_of_ours_and_never_while_used_or_leased(
     # Leased: a task resolved it and is about to create its container.
     outcome = await cache.remove(resolved.id)
     assert (outcome.removed, outcome.reason) == (False, "a task is about to use it")
-    cid = await engine.create_container(
+    cid = await engine.containers.create(
         "boincd__proj__r_0", {"Image": resolved.id, "Labels": {}, "HostConfig": {}}
     )
     cache.release("r_0")
     assert (await cache.remove(resolved.id)).reason == "a container uses it"
-    await engine.remove_container(cid)
+    await engine.containers.remove(cid)
     # Someone tagged it meanwhile: theirs too now.
-    engine._tag(resolved.id, "mine:keep")
+    engine.tag(resolved.id, "mine:keep")
     assert (await cache.remove(resolved.id)).reason.startswith("tagged mine:keep")
     engine.store[resolved.id]["RepoTags"].remove("mine:keep")
-    engine.images.pop("mine:keep")
-    foreign = engine.images["boincd-test/busybox:latest"]["Id"]
+    engine.images.by_ref.pop("mine:keep")
+    foreign = engine.images.by_ref["boincd-test/busybox:latest"]["Id"]
     assert (await cache.remove(foreign)).reason == "not brought by this daemon"
     outcome = await cache.remove(resolved.id)
     assert outcome.removed
@@ -304,9 +303,9 @@ async def test_an_eviction_woken_by_the_pull_cannot_take_the_image_from_its_wait
 async def test_records_survive_a_restart_and_the_old_format_is_read(
     engine: ImageEngine, tmp_path: Path
 ) -> None:
-    first = ImageCache(cast(Engine, engine), tmp_path, "me")
+    first = ImageCache(engine, tmp_path, "me")
     resolved = await first.ensure(req(tmp_path, "r_0"))
-    again = ImageCache(cast(Engine, engine), tmp_path, "me")
+    again = ImageCache(engine, tmp_path, "me")
     assert again.brought == first.brought
     assert again.records.tags[APP]["id"] == resolved.id
     await again.ensure(req(tmp_path, "r_1"))
@@ -317,11 +316,11 @@ async def test_records_survive_a_restart_and_the_old_format_is_read(
     (old / "images.json").write_text(
         json.dumps({APP: {"id": resolved.id, "projects": ["p"], "how": "pull", "brought_at": 5.0}})
     )
-    migrated = ImageCache(cast(Engine, engine), old, "me")
+    migrated = ImageCache(engine, old, "me")
     assert migrated.brought[resolved.id]["refs"] == [APP]
     assert migrated.records.tags[APP] == {"id": resolved.id, "resolved_at": 5.0}
     (old / "images.json").write_text("{not json")
-    assert ImageCache(cast(Engine, engine), old, "me").brought == {}
+    assert ImageCache(engine, old, "me").brought == {}
 
 
 async def test_a_build_is_cached_by_context_and_a_failed_build_leaves_nothing(

@@ -8,12 +8,10 @@ import json
 import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import cast
 
 import pytest
 
 from boincd_containers.core.settings import Settings
-from boincd_containers.engine.adapter import Engine
 from boincd_containers.gc.inventory import Inventory
 from boincd_containers.images.accounting import DiskAccount, HistoryEntry, ImageData
 from boincd_containers.images.cache import ImageCache
@@ -32,10 +30,10 @@ class Rig:
         self.engine = engine
         self.state = state
         settings = Settings(state_dir=str(state), image_cache_budget_bytes=budget)
-        self.registry = Registry(cast(Engine, engine), "me")
-        self.images = ImageCache(cast(Engine, engine), state, "me")
-        self.tasks = TaskManager(settings, cast(Engine, engine), self.registry, self.images)
-        self.inventory = Inventory(cast(Engine, engine), self.registry, self.images, settings)
+        self.registry = Registry(engine, "me")
+        self.images = ImageCache(engine, state, "me")
+        self.tasks = TaskManager(settings, engine, self.registry, self.images)
+        self.inventory = Inventory(engine, self.registry, self.images, settings)
         self.images.on_change.append(self.inventory.wake_eviction)
         self.registry.listeners.append(self.inventory.on_container_event)
 
@@ -92,8 +90,8 @@ async def test_the_account_follows_the_engine_layer_by_layer(rig: Rig, engine: I
         1000,
     )
     # Tags change names, not layers; deletes drop exactly the unique layers.
-    engine._tag(by_ref[A].id, "volunteer/copy:1")
-    await engine.remove_image(by_ref[B].id)
+    engine.tag(by_ref[A].id, "volunteer/copy:1")
+    await engine.images.remove(by_ref[B].id)
     await rig.inventory.sync_images()
     assert rig.inventory.account.total_bytes == busybox + 1000 + 100
     assert rig.inventory.account.image_usage(by_ref[A].id).refs == (A, "volunteer/copy:1")
@@ -141,7 +139,7 @@ async def test_a_dry_run_removes_nothing_and_shows_the_plan(rig: Rig, engine: Im
 async def test_the_dry_run_keeps_what_the_real_run_keeps(rig: Rig, engine: ImageEngine) -> None:
     a, b = await rig.use("r_a", A), await rig.use("r_b", B)
     rig.set_last_used([b, a])
-    engine._tag(b, "volunteer/mine:1")  # the volunteer tagged it: theirs too now
+    engine.tag(b, "volunteer/mine:1")  # the volunteer tagged it: theirs too now
     dry = await rig.inventory.evict(dry_run=True, budget_bytes=0)
     real = await rig.inventory.evict(budget_bytes=0)
     assert [r["id"] for r in dry.removed] == [r["id"] for r in real.removed] == [a]
@@ -207,11 +205,11 @@ async def test_a_container_the_registry_missed_still_pins_its_image(
     a = await rig.use("r_a", A)
     # Between two lists: an image in use by a container the inventory knows of
     # only, or by anyone's container, is refused by the cache itself.
-    cid = await engine.create_container("someone", {"Image": a, "Labels": {}, "HostConfig": {}})
+    cid = await engine.containers.create("someone", {"Image": a, "Labels": {}, "HostConfig": {}})
     report = await rig.inventory.evict(budget_bytes=0)
     assert report.removed == []
     assert report.kept == [{**report.kept[0], "id": a, "reason": "a container uses it"}]
-    await engine.remove_container(cid)
+    await engine.containers.remove(cid)
 
 
 async def test_status_fields_attribute_projects_pins_and_reclaimable_bytes(
@@ -232,7 +230,7 @@ async def test_status_fields_attribute_projects_pins_and_reclaimable_bytes(
     )
     assert (items[b]["pinned"], items[b]["projects"]) == (False, ["proj-r_b"])
     assert items[b]["last_used"] is not None
-    busybox = engine.images["boincd-test/busybox:latest"]["Id"]
+    busybox = engine.images.by_ref["boincd-test/busybox:latest"]["Id"]
     assert (items[busybox]["ours"], items[busybox]["pinned"]) == (False, False)
     assert images["reclaimable_bytes"] == 200  # b alone; the base stays for a
     assert images["projects"]["proj-r_a"] == {"bytes": 1100, "unique_bytes": 100, "images": 1}
@@ -296,7 +294,7 @@ async def test_records_of_images_removed_behind_our_back_are_dropped(
     a = await rig.use("r_a", A)
     await rig.inventory.sync_images()
     engine.store.pop(a)  # `docker rmi` by the volunteer
-    engine.images.pop(A)
+    engine.images.by_ref.pop(A)
     await rig.inventory.evict()
     assert a not in rig.images.brought
 
@@ -306,11 +304,14 @@ async def test_labelled_volumes_are_measured(rig: Rig, engine: ImageEngine, tmp_
     (mount / "d").mkdir(parents=True)
     (mount / "d" / "f").write_bytes(b"x" * 1234)
     (mount / "g").write_bytes(b"y" * 10)
-    engine.volumes = [{"Name": "v1", "Mountpoint": str(mount)}, {"Name": "v2", "Mountpoint": ""}]
+    engine.volumes.by_name = {
+        "v1": {"Name": "v1", "Mountpoint": str(mount)},
+        "v2": {"Name": "v2", "Mountpoint": ""},
+    }
     await rig.inventory.sync_sizes()
     fields = await rig.inventory.status_fields()
     assert fields["volumes"] == {"total_bytes": 1244, "count": 2}
-    engine.volumes = []
+    engine.volumes.by_name = {}
     await rig.inventory.sync_sizes()
     assert (await rig.inventory.status_fields())["volumes"] == {"total_bytes": 0, "count": 0}
 
@@ -396,10 +397,10 @@ async def test_running_containers_are_measured_on_their_clock_while_events_keep_
         cid = rig.registry.get("r_a").container_id
         await rig.tasks.start("r_a")
         engine.sizes_rw[cid] = 777
-        image_id = engine.images["boincd-test/busybox:latest"]["Id"]
+        image_id = engine.images.by_ref["boincd-test/busybox:latest"]["Id"]
         async with asyncio.timeout(5):
             while rig.inventory.account.container_bytes(cid) != 777:
-                engine._event("tag", image_id)  # a steady stream of image events
+                engine.event("tag", image_id)  # a steady stream of image events
                 await asyncio.sleep(0.01)
     finally:
         await loops.close()
@@ -412,14 +413,14 @@ async def test_a_list_taken_before_an_exit_does_not_undo_its_final_size(
     cid = rig.registry.get("r_a").container_id
     engine.sizes_rw[cid] = 100
     gate = asyncio.Event()
-    listing = engine.list_containers
+    listing = engine.containers.list
 
     async def slow_list(labels: dict[str, str], *, size: bool = False) -> list[dict[str, object]]:
         found = await listing(labels, size=size)  # taken now, answered later
         await gate.wait()
         return found
 
-    monkeypatch.setattr(engine, "list_containers", slow_list)
+    monkeypatch.setattr(engine.containers, "list", slow_list)
     sync = asyncio.ensure_future(rig.inventory.sync_sizes())
     await asyncio.sleep(0.01)
     engine.sizes_rw[cid] = 900  # the task wrote more, then exited

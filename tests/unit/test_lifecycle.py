@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from boincd_containers.core import labels as L
 from boincd_containers.core.errors import Conflict, ImageError, NotFound
 from boincd_containers.core.settings import Settings
-from boincd_containers.engine.adapter import Engine
 from boincd_containers.images.cache import ImageCache
 from boincd_containers.job.spec import parse_request
 from boincd_containers.tasks.manager import TaskManager
@@ -23,9 +22,9 @@ from boincd_containers.testing.fakes import FakeEngine
 class Rig:
     def __init__(self, engine: FakeEngine, state: Path, instance: str = "me") -> None:
         self.engine = engine
-        self.registry = Registry(cast(Engine, engine), instance)
-        self.images = ImageCache(cast(Engine, engine), state, instance)
-        self.tasks = TaskManager(Settings(), cast(Engine, engine), self.registry, self.images)
+        self.registry = Registry(engine, instance)
+        self.images = ImageCache(engine, state, instance)
+        self.tasks = TaskManager(Settings(), engine, self.registry, self.images)
 
     async def ready(self, result: str) -> TaskRecord:
         record = self.registry.get(result)
@@ -78,7 +77,7 @@ async def test_verbs_drive_the_container(rig: Rig, tmp_path: Path) -> None:
     assert waited.state == "exited"
     assert waited.exit_code == 3
     await rig.tasks.remove("r_0")
-    assert rig.engine.containers == {}
+    assert rig.engine.containers.by_id == {}
     with pytest.raises(NotFound):
         rig.registry.get("r_0")
     await rig.tasks.remove("r_0")  # removing twice is fine
@@ -106,18 +105,18 @@ async def test_a_failed_pull_fails_every_waiter_with_the_same_error(
     )
     with pytest.raises(ImageError):
         await rig.tasks.start("r_0")
-    assert rig.engine.containers == {}  # nothing half-created
+    assert rig.engine.containers.by_id == {}  # nothing half-created
 
 
 async def test_a_foreign_container_with_our_name_is_refused_and_left_alone(
     rig: Rig, tmp_path: Path
 ) -> None:
-    foreign = await rig.engine.create_container(
+    foreign = await rig.engine.containers.create(
         "boincd__proj__r_0", {"Image": "boincd-test/busybox:latest", "Labels": {}, "HostConfig": {}}
     )
     with pytest.raises(Conflict, match="does not belong to this daemon"):
         await rig.tasks.create_or_attach(request(tmp_path / "slot"), 0)
-    assert foreign in rig.engine.containers
+    assert foreign in rig.engine.containers.by_id
 
 
 async def test_registry_rebuilds_from_labels_and_ignores_other_owners(tmp_path: Path) -> None:
@@ -175,7 +174,7 @@ async def test_start_restarts_a_container_interrupted_by_reboot(rig: Rig, tmp_pa
     await rig.tasks.create_or_attach(request(tmp_path / "slot"), 0)
     record = await rig.ready("r_0")
     await rig.tasks.start("r_0")
-    data = rig.engine.containers[record.container_id]
+    data = rig.engine.containers.by_id[record.container_id]
     rig.engine.exit(record.container_id, 143)
     data["State"]["FinishedAt"] = "2000-01-01T00:00:00.123456789Z"
     started = await rig.tasks.start("r_0")
@@ -192,12 +191,12 @@ async def test_relist_keeps_a_task_created_after_the_list_was_taken(
     async def stale_list(labels: dict[str, str], *, size: bool = False) -> list[dict[str, Any]]:
         return []  # the engine's answer from just before the create
 
-    monkeypatch.setattr(rig.engine, "list_containers", stale_list)
+    monkeypatch.setattr(rig.engine.containers, "list", stale_list)
     await rig.registry.relist()
     assert rig.registry.get("r_0") is record
     assert record.state == "created"
     # A container that is really gone is dropped.
-    del rig.engine.containers[record.container_id]
+    del rig.engine.containers.by_id[record.container_id]
     await rig.registry.relist()
     with pytest.raises(NotFound):
         rig.registry.get("r_0")
@@ -246,8 +245,8 @@ async def test_two_projects_tasks_of_the_same_result_run_at_once(rig: Rig, tmp_p
     await rig.tasks.remove("r_same", "proj_b")
     assert b.state == "removed"
     assert a.state == "paused"
-    assert b.container_id not in rig.engine.containers
-    assert a.container_id in rig.engine.containers
+    assert b.container_id not in rig.engine.containers.by_id
+    assert a.container_id in rig.engine.containers.by_id
     # One task of that result left: the project may be left out again.
     assert rig.registry.get("r_same") is a
     assert (await rig.tasks.resume("r_same")).state == "running"

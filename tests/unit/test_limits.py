@@ -7,17 +7,16 @@ import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from boincd_containers.core.settings import Settings
-from boincd_containers.engine.adapter import Engine
 from boincd_containers.images.cache import ImageCache
 from boincd_containers.job.spec import parse_request
 from boincd_containers.tasks.manager import TaskManager
 from boincd_containers.tasks.registry import Registry, TaskRecord
-from boincd_containers.testing.fakes import FakeEngine
+from boincd_containers.testing.fakes import FakeContainers, FakeEngine
 from boincd_containers.watch.limits import STATE_FILE, DiskLimits, tree_bytes
 
 MiB = 1 << 20
@@ -45,6 +44,22 @@ def test_tree_bytes_of_a_missing_dir_is_none(tmp_path: Path) -> None:
 # -- the feature on a fake engine ---------------------------------------------------
 
 
+class SizeContainers(FakeContainers):
+    def __init__(self, engine: SizeEngine) -> None:
+        super().__init__(engine)
+        self.fake = engine
+
+    async def inspect(self, ref: str, *, size: bool = False) -> dict[str, Any]:
+        data = dict(await super().inspect(ref))
+        fake = self.fake
+        if data["Id"] in fake.upper:
+            data["GraphDriver"] = {"Name": "overlay2", "Data": {"UpperDir": fake.upper[data["Id"]]}}
+        if size:
+            fake.size_calls += 1
+            data["SizeRw"] = fake.size_rw.get(data["Id"], 0)
+        return data
+
+
 class SizeEngine(FakeEngine):
     """Adds what the limits feature reads: GraphDriver and SizeRw."""
 
@@ -53,15 +68,7 @@ class SizeEngine(FakeEngine):
         self.upper: dict[str, str] = {}
         self.size_rw: dict[str, int] = {}
         self.size_calls = 0
-
-    async def inspect_container(self, ref: str, *, size: bool = False) -> dict[str, Any]:
-        data = dict(await super().inspect_container(ref))
-        if data["Id"] in self.upper:
-            data["GraphDriver"] = {"Name": "overlay2", "Data": {"UpperDir": self.upper[data["Id"]]}}
-        if size:
-            self.size_calls += 1
-            data["SizeRw"] = self.size_rw.get(data["Id"], 0)
-        return data
+        self.containers: SizeContainers = SizeContainers(self)
 
 
 class Rig:
@@ -69,16 +76,16 @@ class Rig:
         self.engine = engine
         self.base = base
         self.state = base / "state"
-        self.registry = Registry(cast(Engine, engine), "me")
+        self.registry = Registry(engine, "me")
         self.registry.engine_error = None
-        self.images = ImageCache(cast(Engine, engine), self.state, "me")
+        self.images = ImageCache(engine, self.state, "me")
         settings = Settings(state_dir=str(self.state))
-        self.tasks = TaskManager(settings, cast(Engine, engine), self.registry, self.images)
+        self.tasks = TaskManager(settings, engine, self.registry, self.images)
         self.limits = self.new_limits()
 
     def new_limits(self) -> DiskLimits:
         """A DiskLimits as a restarted daemon would build it."""
-        return DiskLimits(cast(Engine, self.engine), self.registry, self.tasks, self.state)
+        return DiskLimits(self.engine, self.registry, self.tasks, self.state)
 
     async def running(self, result: str, disk_bytes: int, upper: bool = True) -> TaskRecord:
         slot = self.base / f"slot_{result}"

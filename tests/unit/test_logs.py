@@ -11,18 +11,18 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from boincd_containers.core.settings import Settings
 from boincd_containers.engine import compat as engine_compat
-from boincd_containers.engine.adapter import (
+from boincd_containers.engine.adapter import Engine
+from boincd_containers.engine.streams import (
     LOG_BYTES_MAX,
     LOG_TAIL_MAX,
     Demultiplexer,
-    Engine,
     demultiplex,
     log_tail_lines,
 )
@@ -36,7 +36,7 @@ from boincd_containers.job.spec import (
 )
 from boincd_containers.tasks.manager import TaskManager
 from boincd_containers.tasks.registry import Registry, TaskRecord
-from boincd_containers.testing.fakes import FakeEngine
+from boincd_containers.testing.fakes import FakeContainers, FakeEngine
 from boincd_containers.watch.limits import DiskLimits, log_bytes
 
 MiB = 1 << 20
@@ -126,7 +126,7 @@ class FakeLogEngine:
 async def read_logs(socket: Path, ref: str, tail: int, max_bytes: int = LOG_BYTES_MAX) -> bytes:
     engine = Engine(f"unix://{socket}")
     try:
-        return b"".join([c async for c in engine.stream_logs(ref, tail, max_bytes)])
+        return b"".join([c async for c in engine.containers.stream_logs(ref, tail, max_bytes)])
     finally:
         await engine.close()
 
@@ -164,7 +164,7 @@ async def test_a_small_log_is_whole_and_bad_utf8_is_replaced(short_tmp: Path) ->
         body = await read_logs(socket, "c1", 200)
         engine = Engine(f"unix://{socket}")
         try:
-            text = await engine.container_logs("c1", 5)
+            text = await engine.containers.logs("c1", 5)
         finally:
             await engine.close()
     # A character split between two frames stays whole; invalid bytes become U+FFFD.
@@ -252,15 +252,15 @@ def test_log_bytes_counts_the_file_and_its_rotations_only(tmp_path: Path) -> Non
     assert log_bytes(str(tmp_path / "gone" / "x.log")) == 0
 
 
-class LogPathEngine(FakeEngine):
+class LogPathContainers(FakeContainers):
     """Names a LogPath once a container has started, as Docker does."""
 
-    def __init__(self, logs: Path) -> None:
-        super().__init__()
+    def __init__(self, engine: FakeEngine, logs: Path) -> None:
+        super().__init__(engine)
         self.logs = logs
 
-    async def inspect_container(self, ref: str, *, size: bool = False) -> dict[str, Any]:
-        data = dict(await super().inspect_container(ref))
+    async def inspect(self, ref: str, *, size: bool = False) -> dict[str, Any]:
+        data = dict(await super().inspect(ref))
         if data["State"]["Status"] != "created":
             data["LogPath"] = str(self.logs / f"{data['Id']}-json.log")
         if size:
@@ -268,15 +268,22 @@ class LogPathEngine(FakeEngine):
         return data
 
 
+class LogPathEngine(FakeEngine):
+    def __init__(self, logs: Path) -> None:
+        super().__init__()
+        self.logs = logs
+        self.containers: LogPathContainers = LogPathContainers(self, logs)
+
+
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[tuple[LogPathEngine, TaskManager, DiskLimits]]:
     engine = LogPathEngine(tmp_path)
-    registry = Registry(cast(Engine, engine), "me")
+    registry = Registry(engine, "me")
     registry.engine_error = None
-    images = ImageCache(cast(Engine, engine), tmp_path / "state", "me")
+    images = ImageCache(engine, tmp_path / "state", "me")
     settings = Settings(state_dir=str(tmp_path / "state"))
-    tasks = TaskManager(settings, cast(Engine, engine), registry, images)
-    yield engine, tasks, DiskLimits(cast(Engine, engine), registry, tasks, tmp_path / "state")
+    tasks = TaskManager(settings, engine, registry, images)
+    yield engine, tasks, DiskLimits(engine, registry, tasks, tmp_path / "state")
     await tasks.close()
     await images.close()
 

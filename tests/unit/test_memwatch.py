@@ -11,7 +11,6 @@ import pytest
 
 from boincd_containers.core import labels as L
 from boincd_containers.core.settings import Settings
-from boincd_containers.engine.adapter import Engine
 from boincd_containers.images.cache import ImageCache
 from boincd_containers.shim.boinc_api import (
     BOINC_FINISH_CALLED_FILE,
@@ -37,7 +36,7 @@ PID = 4242  # FakeEngine's pid of every running container
 class Rig:
     def __init__(self, base: Path) -> None:
         self.engine = FakeEngine()
-        engine = cast(Engine, self.engine)
+        engine = self.engine
         self.state = base / "state"
         self.proc = base / "proc"
         self.proc.mkdir()
@@ -54,8 +53,8 @@ class Rig:
         if unenforced:
             labels[L.UNENFORCED] = unenforced
         config = {"Image": "boincd-test/busybox:latest", "Labels": labels, "HostConfig": {}}
-        cid = await self.engine.create_container(f"boincd__p__{result}", config)
-        await self.engine.start_container(cid)
+        cid = await self.engine.containers.create(f"boincd__p__{result}", config)
+        await self.engine.containers.start(cid)
         await self.registry.relist()
         return cid
 

@@ -21,7 +21,7 @@ from boincd_containers.daemon import metrics, routes
 from boincd_containers.daemon.app import Daemon, gpu_backends
 from boincd_containers.daemon.keys import DAEMON
 from boincd_containers.daemon.metrics import Family, escape_label_value, format_value, render
-from boincd_containers.engine.adapter import Engine, EngineInfo
+from boincd_containers.engine.info import EngineInfo
 from boincd_containers.host.gpu.fake import GIB, FakeGpuBackend
 from boincd_containers.tasks.registry import TaskRecord
 from boincd_containers.tasks.state import TaskState
@@ -187,7 +187,7 @@ class Broken:
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     d = Daemon(Settings(state_dir=str(tmp_path / "state"), gpu_backend="fake:2"))
     info = EngineInfo("docker", "20.10.24", "1.41", True, "1", "cgroupfs", "unix:///x", "/")
-    d.engine = cast(Engine, NoEngine(info))
+    d.engine = NoEngine(info)
     yield d
     d.gpus.allocator.close()
 
@@ -253,7 +253,7 @@ async def test_scrape_reports_tasks_resources_gpus_and_engine(daemon: Daemon) ->
 
 
 async def test_engine_down_is_reported_not_an_error(daemon: Daemon) -> None:
-    daemon.engine = cast(Engine, NoEngine(None))
+    daemon.engine = NoEngine(None)
     samples, _ = parse_exposition(render(await metrics.collect(daemon)))
     assert value_of(samples, "boincd_engine_up") == 0
     assert samples["boincd_engine_info"] == []

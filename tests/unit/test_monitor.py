@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import cast
 
-from boincd_containers.engine.adapter import Engine
 from boincd_containers.host.cgroups import CgroupGone, CgroupReader, CgroupSample, MemoryUsage
 from boincd_containers.tasks.registry import Registry, TaskRecord
 from boincd_containers.tasks.state import TaskKey, TaskState
@@ -37,7 +36,7 @@ KEY = TaskKey("proj", "r_1")
 
 
 def rig() -> tuple[Monitor, FakeReader, TaskRecord]:
-    registry = Registry(cast(Engine, FakeEngine()), "me")
+    registry = Registry(FakeEngine(), "me")
     record = TaskRecord("r_1", "proj", container_id="c1", state="running", pid=42)
     registry.store.add(record)
     reader = FakeReader()
@@ -99,7 +98,7 @@ async def test_a_tick_reads_in_a_thread_while_the_loop_answers_requests() -> Non
     import asyncio
     import threading
 
-    registry = Registry(cast(Engine, FakeEngine()), "me")
+    registry = Registry(FakeEngine(), "me")
     for n in range(16):
         registry.store.add(
             TaskRecord(f"r_{n}", "proj", container_id=f"c{n}", state=TaskState.RUNNING, pid=100 + n)

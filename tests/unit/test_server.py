@@ -15,7 +15,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -31,7 +31,6 @@ from boincd_containers.daemon.server import (
     protocol_factory,
     secure_socket,
 )
-from boincd_containers.engine.adapter import Engine
 from boincd_containers.tasks.registry import TaskRecord
 from boincd_containers.tasks.state import TaskState
 
@@ -109,7 +108,7 @@ async def api_socket(tmp_path: Path) -> AsyncIterator[tuple[str, Daemon]]:
     """The API's routes and middleware behind the daemon's own connection handler
     (server.protocol_factory) on a Unix socket, with no engine behind it."""
     daemon = Daemon(Settings(state_dir=str(tmp_path / "state"), gpu_backend="none"))
-    daemon.engine = cast(Engine, NoEngine())
+    daemon.engine = NoEngine()
     app = web.Application(middlewares=[api.errors_and_auth], client_max_size=api.MAX_BODY_BYTES)
     app[api.DAEMON] = daemon
     app.add_routes(api.routes)

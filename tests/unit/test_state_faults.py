@@ -117,7 +117,7 @@ async def test_quit_on_a_full_state_disk_still_pauses_the_container(
     assert record.detached
     assert str(record.key) in rig.tasks.detached
     # The client's cleanup SIGKILLs it now: still told from the app's own exit.
-    await rig.engine.kill_container(record.container_id)
+    await rig.engine.containers.kill(record.container_id)
     await rig.registry.refresh(record)
     assert record.interrupted
     disk.full = False
@@ -150,5 +150,5 @@ async def test_remove_on_a_full_state_disk_removes_first(rig: Rig, disk: StateDi
     with pytest.raises(StateWriteError):
         await rig.tasks.remove("r_rm")
     assert record.state == "removed"
-    assert rig.engine.containers == {}
+    assert rig.engine.containers.by_id == {}
     assert "r_rm" not in rig.tasks.detached

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import cast
 
 import pytest
 from aiohttp import web
@@ -15,7 +14,6 @@ from boincd_containers.core import labels as L
 from boincd_containers.core.settings import Settings
 from boincd_containers.core.supervise import Background, loop_name, running, supervise
 from boincd_containers.daemon.app import Daemon, component
-from boincd_containers.engine.adapter import Engine
 from boincd_containers.host.gpu import GpuAllocator
 from boincd_containers.host.gpu.fake import FakeGpuBackend
 from boincd_containers.tasks.gpus import GpuService
@@ -106,12 +104,12 @@ async def test_the_daemon_survives_a_crashing_monitor(tmp_path: Path) -> None:
 
 async def test_a_container_removed_behind_the_daemons_back_releases_its_gpu() -> None:
     engine = FakeEngine()
-    registry = Registry(cast(Engine, engine), "me")
+    registry = Registry(engine, "me")
     backend = FakeGpuBackend.with_gpus(1)
     gpus = GpuService(GpuAllocator(backend), registry)
     registry.on_drop.append(gpus.dropped)
     labels = {L.OWNER: "me", L.RESULT: "r_gpu", L.PROJECT: "proj"}
-    cid = await engine.create_container(
+    cid = await engine.containers.create(
         "boincd__proj__r_gpu", {"Image": "boincd-test/busybox:latest", "Labels": labels,
                                 "HostConfig": {}},
     )  # fmt: skip
@@ -121,7 +119,7 @@ async def test_a_container_removed_behind_the_daemons_back_releases_its_gpu() ->
     await registry.refresh(record)
     assert gpus.allocator.get("r_gpu") is not None
 
-    del engine.containers[cid]  # `docker rm -f` by someone else; the event was lost
+    del engine.containers.by_id[cid]  # `docker rm -f` by someone else; the event was lost
     await registry.relist()
     assert record.key not in registry.tasks
     assert record.state == "removed"

@@ -14,7 +14,9 @@ from aiodocker.exceptions import DockerError
 
 from boincd_containers.core.errors import EngineRefused, Unavailable
 from boincd_containers.core.settings import Settings
-from boincd_containers.engine.adapter import Engine, EngineInfo, _translate
+from boincd_containers.engine.adapter import Engine
+from boincd_containers.engine.info import EngineInfo
+from boincd_containers.engine.session import Session, translate
 from boincd_containers.images.cache import ImageCache
 from boincd_containers.job.spec import (
     MIN_MEMORY_BYTES,
@@ -83,10 +85,10 @@ def test_a_read_only_root_gets_a_bounded_writable_tmp(tmp_path: Path) -> None:
 @pytest.fixture
 def manager(tmp_path: Path) -> TaskManager:
     engine = FakeEngine()
-    registry = Registry(cast(Engine, engine), "me")
-    images = ImageCache(cast(Engine, engine), tmp_path / "state", "me")
+    registry = Registry(engine, "me")
+    images = ImageCache(engine, tmp_path / "state", "me")
     settings = Settings(state_dir=str(tmp_path / "state"), default_memory_bytes=123 * MiB)
-    return TaskManager(settings, cast(Engine, engine), registry, images)
+    return TaskManager(settings, engine, registry, images)
 
 
 def test_the_root_is_read_only_by_default_only_where_the_task_user_is_not_root(
@@ -106,9 +108,9 @@ def test_the_root_is_read_only_by_default_only_where_the_task_user_is_not_root(
 
 def test_half_the_hosts_ram_when_no_default_is_set(tmp_path: Path) -> None:
     engine = FakeEngine()
-    registry = Registry(cast(Engine, engine), "me")
-    images = ImageCache(cast(Engine, engine), tmp_path, "me")
-    tasks = TaskManager(Settings(state_dir=str(tmp_path)), cast(Engine, engine), registry, images)
+    registry = Registry(engine, "me")
+    images = ImageCache(engine, tmp_path, "me")
+    tasks = TaskManager(Settings(state_dir=str(tmp_path)), engine, registry, images)
     assert tasks.default_memory_bytes == psutil.virtual_memory().total // 2
 
 
@@ -122,23 +124,28 @@ OCI_PROC = (
 )
 
 
-class RefusingEngine(Engine):
-    """The real adapter's verbs over a query that answers as dockerd did here."""
+class RefusingSession(Session):
+    """A query that answers as dockerd did here."""
 
     def __init__(self, message: str) -> None:
         super().__init__("unix:///nonexistent")
         self.message = message
 
-    async def _call(self, what: str, path: str, method: str = "GET", **_: Any) -> Any:
-        raise _translate(DockerError(500, {"message": self.message}), what)
+    async def call(self, what: str, path: str, method: str = "GET", **_: Any) -> Any:
+        raise translate(DockerError(500, {"message": self.message}), what)
+
+
+def RefusingEngine(message: str) -> Engine:
+    """The real adapter's verbs over that query."""
+    return Engine(session=RefusingSession(message))
 
 
 async def test_an_oci_refusal_at_start_or_create_is_final_with_the_engines_words() -> None:
     engine = RefusingEngine(OCI_PROC)
     with pytest.raises(EngineRefused) as started:
-        await engine.start_container("abc")
+        await engine.containers.start("abc")
     with pytest.raises(EngineRefused) as created:
-        await engine.create_container("boincd__p__r", {"HostConfig": {}})
+        await engine.containers.create("boincd__p__r", {"HostConfig": {}})
     for info in (started, created):
         assert info.value.retryable is False
         assert info.value.http_status == 422
@@ -155,5 +162,5 @@ async def test_an_oci_refusal_at_start_or_create_is_final_with_the_engines_words
 )
 async def test_a_refusal_that_may_pass_stays_retryable(message: str) -> None:
     with pytest.raises(Unavailable) as info:
-        await RefusingEngine(message).start_container("abc")
+        await RefusingEngine(message).containers.start("abc")
     assert info.value.retryable is True
