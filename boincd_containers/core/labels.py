@@ -112,9 +112,10 @@ def is_legacy_name(name: str) -> bool:
     return name.lstrip("/").startswith(LEGACY_NAME_PREFIX)
 
 
-def owner_filter(instance_id: str) -> dict[str, list[str]]:
-    """Engine list filter for the objects of this daemon instance only."""
-    return {"label": [f"{OWNER}={instance_id}"]}
+def owned_by(instance_id: str) -> dict[str, str]:
+    """The labels that select this daemon installation's objects in the engine's
+    lists and event streams (the engine adapter turns them into a filter)."""
+    return {OWNER: instance_id}
 
 
 def is_ours(labels: dict[str, str] | None, instance_id: str) -> bool:

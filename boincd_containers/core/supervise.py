@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+from boincd_containers.core.errors import BoincdError
 from boincd_containers.core.log import get_logger
 
 log = get_logger(__name__)
@@ -59,6 +60,38 @@ async def supervise(
             continue
         log.info("background loop finished", loop=name)
         return
+
+
+async def repeat(
+    step: Callable[[], Awaitable[object]],
+    interval_s: float,
+    name: str,
+    *,
+    wait_first: bool = False,
+    max_duty: float | None = None,
+) -> None:
+    """Run `step` every `interval_s`, for good: the one periodic loop of the daemon.
+
+    A pass that fails does not end the loop: a BoincdError (the engine away, a
+    full state disk) is a warning, anything else a bug logged with its
+    traceback; the next pass follows at the usual time. `wait_first`: the first
+    pass after one interval. `max_duty`: a pass that took long is followed by a
+    longer pause, so that it takes at most that share of the time.
+    """
+    if wait_first:
+        await asyncio.sleep(interval_s)
+    while True:
+        started = time.monotonic()
+        try:
+            await step()
+        except BoincdError as exc:
+            log.warning("background pass failed", loop=name, error=exc.message)
+        except Exception as exc:  # a bug must not end the loop, nor its siblings
+            log.error("background pass crashed", loop=name, exc_info=exc)
+        pause = interval_s
+        if max_duty is not None:
+            pause = max(pause, (time.monotonic() - started) / max_duty)
+        await asyncio.sleep(pause)
 
 
 @contextlib.asynccontextmanager

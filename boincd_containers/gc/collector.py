@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from boincd_containers.core import labels as L
 from boincd_containers.core.errors import BoincdError, NotFound, Unavailable
 from boincd_containers.core.log import get_logger
+from boincd_containers.core.supervise import repeat
 from boincd_containers.gc.policy import (
     LEASE_SAVE_S,
     ContainerFacts,
@@ -324,26 +325,26 @@ class Collector:
         interval = self.settings.gc_interval_s
         if interval <= 0:
             return  # periodic collection off; `ctl gc` still works
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                report = await self.collect()
-                self.last_error = None
-            except BoincdError as exc:
-                self.last_error = exc.message
-                log.info("garbage collection skipped", reason=exc.message)
-                continue
-            except Exception as exc:  # a bug must not end collection for good
-                self.last_error = f"internal error: {exc!r}"
-                log.error("garbage collection failed", exc_info=exc)
-                continue
-            if report.removed or report.errors:
-                log.info(
-                    "garbage collected",
-                    removed=len(report.removed),
-                    freed_bytes=report.freed_bytes,
-                    errors=report.errors,
-                )
+        await repeat(self._periodic_pass, interval, "garbage collection", wait_first=True)
+
+    async def _periodic_pass(self) -> None:
+        """One collection; its failure is kept for status (`last_error`)."""
+        try:
+            report = await self.collect()
+        except BoincdError as exc:
+            self.last_error = exc.message
+            raise
+        except Exception as exc:
+            self.last_error = f"internal error: {exc!r}"
+            raise
+        self.last_error = None
+        if report.removed or report.errors:
+            log.info(
+                "garbage collected",
+                removed=len(report.removed),
+                freed_bytes=report.freed_bytes,
+                errors=report.errors,
+            )
 
     async def keep_leases(self) -> None:
         """Save last-seen times now and then, and once more at shutdown."""

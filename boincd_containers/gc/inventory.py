@@ -28,7 +28,6 @@ import time
 from collections.abc import Collection
 from typing import Any
 
-from boincd_containers.core import labels as L
 from boincd_containers.core.errors import BoincdError, NotFound, Unavailable
 from boincd_containers.core.log import get_logger
 from boincd_containers.core.settings import Settings
@@ -115,7 +114,7 @@ class Inventory:
 
     async def sync_sizes(self) -> None:
         """Writable layers of our containers, and our labelled volumes."""
-        owner = {L.OWNER: self.registry.instance_id}
+        owner = self.registry.owner_labels
         listed_at = time.monotonic()
         containers = await self.engine.containers.list(owner, size=True)
         seen = set()

@@ -533,7 +533,7 @@ class ImageCache:
         """Give the images we built under the old `boinc__` name their `boincd__`
         name: a BOINC 8.2 client's start-up cleanup removes `boinc__` images that
         no task of its own uses."""
-        for image in await self.engine.images.list({L.OWNER: self.owner_id}):
+        for image in await self.engine.images.list(L.owned_by(self.owner_id)):
             labels = image.get("Labels") or {}
             for old in image.get("RepoTags") or []:
                 repo, _, tag = str(old).rpartition(":")

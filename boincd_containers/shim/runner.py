@@ -37,6 +37,7 @@ from .boinc_api import (
     HeartbeatWatchdog,
     StatusReport,
     finish_exit_code,
+    pid_exists,
     web_graphics_reply,
     write_atomic,
     write_finish_file,
@@ -426,13 +427,7 @@ class Runner:
         pid = int(self.task.get("pid") or 0)
         if self.task.get("state") != "running" or pid <= 0:
             return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False  # alive, under another user
-        return False
+        return not pid_exists(pid)
 
     def _refresh(self) -> None:
         if not self.task:

@@ -59,7 +59,7 @@ class Registry:
 
     @property
     def owner_labels(self) -> dict[str, str]:
-        return {L.OWNER: self.instance_id}
+        return L.owned_by(self.instance_id)
 
     def get(self, result: str, project: str | None = None) -> TaskRecord:
         return self.store.find(result, project)

@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from boincd_containers.core.errors import BoincdError, NotFound, StateWriteError
+from boincd_containers.core.errors import NotFound, StateWriteError
 from boincd_containers.core.log import get_logger
 from boincd_containers.core.persist import write_json
+from boincd_containers.core.supervise import repeat
 from boincd_containers.tasks.registry import TaskRecord
 from boincd_containers.tasks.state import LIVE_STATES, TaskKey, TaskState
 from boincd_containers.watch.enforce import Exceeded, stop_for_limit
@@ -229,16 +230,7 @@ class DiskLimits:
     # -- the loop ----------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
-            started = time.monotonic()
-            try:
-                await self.check_all()
-            except BoincdError as exc:
-                log.warning("disk measurement pass failed", error=exc.message)
-            except Exception as exc:  # a bug must not end the daemon's other loops
-                log.error("disk measurement pass crashed", exc_info=exc)
-            cost = time.monotonic() - started
-            await asyncio.sleep(max(self.interval_s, cost / MAX_DUTY))
+        await repeat(self.check_all, self.interval_s, "disk limits", max_duty=MAX_DUTY)
 
     async def check_all(self) -> None:
         """One pass: measure each task that may have changed, enforce, forget the gone."""

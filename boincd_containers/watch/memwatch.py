@@ -21,8 +21,8 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from boincd_containers.core.errors import BoincdError
 from boincd_containers.core.log import get_logger
+from boincd_containers.core.supervise import repeat
 from boincd_containers.host import proctree
 from boincd_containers.tasks.registry import TaskRecord
 from boincd_containers.tasks.state import TaskKey, TaskState
@@ -65,14 +65,7 @@ class MemoryWatch:
         self.rss: dict[TaskKey, int] = {}  # last resident bytes of each watched task
 
     async def run(self, interval_s: float) -> None:
-        while True:
-            try:
-                await self.check_all()
-            except BoincdError as exc:
-                log.warning("memory watch pass failed", error=exc.message)
-            except Exception as exc:  # a bug must not end the daemon's other loops
-                log.error("memory watch pass crashed", exc_info=exc)
-            await asyncio.sleep(interval_s)
+        await repeat(self.check_all, interval_s, "memory watch")
 
     async def check_all(self) -> None:
         records = [r for r in self.registry.tasks.values() if watched(r)]

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from boincd_containers.core.log import get_logger, task_context
+from boincd_containers.core.supervise import repeat
 from boincd_containers.tasks.registry import Registry, TaskRecord
 from boincd_containers.tasks.state import TaskKey, TaskState
 
@@ -354,12 +355,7 @@ class WebGraphics:
 
     async def run(self, interval_s: float = 0.5) -> None:
         try:
-            while True:
-                try:
-                    await self.sync()
-                except Exception as exc:  # a bug must not end graphics for every task
-                    log.error("web graphics sync failed", exc_info=exc)
-                await asyncio.sleep(interval_s)
+            await repeat(self.sync, interval_s, "web graphics")
         finally:
             await self.close()
 
