@@ -106,12 +106,13 @@ class ImageCache:
         self._progress: dict[str, str] = {}  # flight key -> latest progress line
         self._details: dict[str, dict[str, Any]] = {}  # flight key -> bytes, rate
         self._listeners: dict[str, list[Progress]] = {}
-        self._waiting: dict[str, set[str]] = {}  # flight key -> results waiting for it
+        self._waiting: dict[str, set[str]] = {}  # flight key -> tasks waiting for it
         # Held while checking that an image is present and leasing it, and while
         # removing one: an eviction can never pull an image from under a task
         # that has resolved it but not yet created its container.
         self._lock = asyncio.Lock()
-        self.leases: dict[str, str] = {}  # result -> image id
+        # Task (its container name, unique per project and result) -> image id.
+        self.leases: dict[str, str] = {}
         # Called when an image was brought or the disk filled up (eviction wakes).
         self.on_change: list[Callable[[], None]] = []
         self.operations = 0  # pulls + loads + builds actually run (for tests, metrics)
@@ -140,7 +141,7 @@ class ImageCache:
         *,
         paths: CheckedPaths | None = None,
     ) -> Resolved:
-        """The image for this task, present and leased to it until `release(result)`.
+        """The image for this task, present and leased to it until `release(request.name)`.
 
         `paths`: the task's checked slot and project dirs (taskspec.check_paths),
         which builds and archives are read from; without them they are opened here.
@@ -161,15 +162,16 @@ class ImageCache:
             resolved = await self._resolve(request, progress, paths)
             async with self._lock:
                 if await self._present(resolved.id):
-                    self.leases[request.result] = resolved.id
+                    self.leases[request.name] = resolved.id
                     self.records.touch(resolved.id, request.project)
                     return resolved
             log.info("image removed right after it was resolved; again", image=resolved.ref)
         raise Unavailable(f"image {resolved.ref} keeps disappearing from the engine")
 
-    def release(self, result: str) -> None:
-        """The task's container exists (it pins the image now) or never will."""
-        self.leases.pop(result, None)
+    def release(self, holder: str) -> None:
+        """The task's container (named `holder`) exists and pins the image now, or
+        never will."""
+        self.leases.pop(holder, None)
 
     async def _inspect(self, ref: str) -> dict[str, Any] | None:
         try:
@@ -218,7 +220,7 @@ class ImageCache:
             build = ContextStream(BuildContext(paths.slot, paths.owner, cap))
         image_id = await self._single_flight(
             f"build:{tag}",
-            request.result,
+            request.name,
             progress,
             lambda key: self._build(build, full_digest, tag, request, key, network=not offline),
         )
@@ -241,7 +243,7 @@ class ImageCache:
     async def _single_flight(
         self,
         key: str,
-        result: str,
+        holder: str,
         progress: Progress | None,
         work: Callable[[str], Awaitable[str]],
     ) -> str:
@@ -257,18 +259,18 @@ class ImageCache:
             if key in self._progress:
                 progress(self._progress[key])
         waiting = self._waiting.setdefault(key, set())
-        waiting.add(result)
+        waiting.add(holder)
         try:
             return await asyncio.shield(task)
         finally:
-            waiting.discard(result)
+            waiting.discard(holder)
 
     async def _fly(self, key: str, work: Callable[[str], Awaitable[str]]) -> str:
         image_id = await work(key)
         # Leased to every task waiting for it in the very step it was recorded as
         # brought: the eviction that wakes cannot take it before they lease it.
-        for result in self._waiting.get(key, ()):
-            self.leases[result] = image_id
+        for holder in self._waiting.get(key, ()):
+            self.leases[holder] = image_id
         return image_id
 
     def _flight_done(self, key: str) -> None:
@@ -329,7 +331,7 @@ class ImageCache:
             # The last attempt's error, until the backoff is over.
             raise copy.copy(backoff[2])
         image_id = await self._single_flight(
-            f"pull:{ref}", request.result, progress, lambda key: self._pull(ref, present, key)
+            f"pull:{ref}", request.name, progress, lambda key: self._pull(ref, present, key)
         )
         return Resolved(ref, image_id)
 
@@ -420,7 +422,7 @@ class ImageCache:
         body = None if key in self._inflight else archive.open()
         loaded_id = await self._single_flight(
             key,
-            request.result,
+            request.name,
             progress,
             lambda key: self._load(body, archive.name, image_id, ref, key),
         )

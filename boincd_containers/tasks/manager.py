@@ -254,7 +254,7 @@ class TaskManager:
             self.store.set_state(record, TaskState.FAILED, error)
         finally:
             # The container (if any) pins the image from now on.
-            self.images.release(request.result)
+            self.images.release(request.name)
             paths.close()
             self.mounts.created(request.name)
             if not record.container_id:

@@ -58,7 +58,8 @@ async def test_sixteen_concurrent_ensures_share_one_pull_and_its_progress(
     assert cache.operations == 1
     assert {r.id for r in resolved} == {engine.images.by_ref[APP]["Id"]}
     assert {r.ref for r in resolved} == {APP}
-    assert set(cache.leases) == set(seen)  # each task holds the image until its container exists
+    # Each task holds the image until its container (its name) exists.
+    assert set(cache.leases) == {req(tmp_path, r).name for r in seen}
     # Every waiter saw the pull's progress, not only the first.
     assert all(any("2 of 2 layers" in line for line in lines) for lines in seen.values())
     assert cache.brought[resolved[0].id]["refs"] == [APP]
@@ -253,7 +254,7 @@ async def test_removal_only_of_ours_and_never_while_used_or_leased(
     cid = await engine.containers.create(
         "boincd__proj__r_0", {"Image": resolved.id, "Labels": {}, "HostConfig": {}}
     )
-    cache.release("r_0")
+    cache.release(req(tmp_path, "r_0").name)
     assert (await cache.remove(resolved.id)).reason == "a container uses it"
     await engine.containers.remove(cid)
     # Someone tagged it meanwhile: theirs too now.
@@ -275,7 +276,7 @@ async def test_an_image_evicted_between_resolve_and_lease_is_fetched_again(
     cache: ImageCache, engine: ImageEngine, tmp_path: Path
 ) -> None:
     first = await cache.ensure(req(tmp_path, "r_0"))
-    cache.release("r_0")
+    cache.release(req(tmp_path, "r_0").name)
     assert (await cache.remove(first.id)).removed
     again = await cache.ensure(req(tmp_path, "r_1"))
     assert again.id == first.id
@@ -351,3 +352,19 @@ async def test_a_build_is_cached_by_context_and_a_failed_build_leaves_nothing(
         await cache.ensure(failing)
     assert set(engine.store) == before  # the committed COPY step was removed again
     assert "r_3" not in cache.leases
+
+
+async def test_two_projects_tasks_of_one_result_name_hold_their_own_leases(
+    cache: ImageCache, engine: ImageEngine, tmp_path: Path
+) -> None:
+    """Result names are unique per project only: one task's container existing
+    must not release the other's hold on the image."""
+    mine = req(tmp_path, "r_0")
+    theirs = req(tmp_path, "r_0", project="other_proj")
+    resolved = await cache.ensure(mine)
+    await cache.ensure(theirs)
+    assert mine.name != theirs.name
+    cache.release(mine.name)
+    assert (await cache.remove(resolved.id)).reason == "a task is about to use it"
+    cache.release(theirs.name)
+    assert (await cache.remove(resolved.id)).removed
