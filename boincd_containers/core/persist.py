@@ -6,10 +6,17 @@ fsync, rename. A disk that is full or read-only makes it raise
 OSError that would turn a normal request into a 500 or stop a limit's kill
 half-way. The callers keep what they meant to save in memory and save it again
 with their next change.
+
+Most writes are synchronous on purpose: a detached mark, an exceeded limit or
+an image brought must be on disk before the step that depends on it (the
+pause, the kill, handing the image out), and they come once per such event. The
+one write that recurs on a clock, the shims' lease times, goes through
+`write_json_off_loop` so that its fsync never holds up the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -23,6 +30,17 @@ from boincd_containers.core.errors import StateWriteError
 def write_json(path: Path, data: Any, **dump_options: Any) -> None:
     """Replace `path` with `data` as JSON, all or nothing; raises StateWriteError."""
     write_text(path, json.dumps(data, **dump_options))
+
+
+async def write_json_off_loop(path: Path, data: Any, **dump_options: Any) -> None:
+    """write_json with the write and its fsync in a worker thread: for a loop that
+    saves now and then, whose event loop must not wait for the disk meanwhile.
+
+    The data is encoded here, on the caller's thread, so changes made while the
+    thread writes do not leak into the file half-made. The caller runs one save
+    of a file at a time (the temporary file's name is fixed)."""
+    text = json.dumps(data, **dump_options)
+    await asyncio.to_thread(write_text, path, text)
 
 
 def write_text(path: Path, text: str, mode: int | None = None) -> None:

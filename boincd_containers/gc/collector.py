@@ -351,13 +351,13 @@ class Collector:
         try:
             while True:
                 await asyncio.sleep(LEASE_SAVE_S)
-                self._save_leases()
+                await self._save_leases()
         finally:
-            self._save_leases()
+            await self._save_leases()
 
-    def _save_leases(self) -> None:
+    async def _save_leases(self) -> None:
         self.leases.update(self.store, complete=self.registry.engine_error is None)
-        self.leases.save_if_changed()
+        await self.leases.save_if_changed()
 
     # -- StatusProvider -----------------------------------------------------------
 

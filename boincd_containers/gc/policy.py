@@ -22,7 +22,7 @@ from xml.sax.saxutils import unescape
 
 from boincd_containers.core.errors import StateWriteError
 from boincd_containers.core.log import get_logger
-from boincd_containers.core.persist import write_json
+from boincd_containers.core.persist import write_json_off_loop
 from boincd_containers.tasks.registry import TaskRecord
 from boincd_containers.tasks.state import TaskKey
 from boincd_containers.tasks.store import TaskStore
@@ -213,14 +213,15 @@ class LeaseBook:
         else:
             self.seen.update(current)
 
-    def save_if_changed(self, granularity_s: float = LEASE_SAVE_S) -> None:
+    async def save_if_changed(self, granularity_s: float = LEASE_SAVE_S) -> None:
         changed = set(self.seen) != set(self._saved) or any(
             abs(self.seen[r] - self._saved[r]) >= granularity_s for r in self.seen
         )
         if not changed:
             return
         try:
-            write_json(self.path, self.seen, sort_keys=True)
+            # Saved every LEASE_SAVE_S: the fsync must not hold up the event loop.
+            await write_json_off_loop(self.path, self.seen, sort_keys=True)
         except StateWriteError as exc:
             # A full or read-only disk must not stop the daemon; leases then restart
             # at the next start, which only ever delays a collection.

@@ -153,7 +153,7 @@ def test_parse_time_takes_engine_timestamps() -> None:
 # -- lease book -------------------------------------------------------------------------------
 
 
-def test_lease_book_survives_a_restart_and_only_ever_moves_back(tmp_path: Path) -> None:
+async def test_lease_book_survives_a_restart_and_only_ever_moves_back(tmp_path: Path) -> None:
     path = tmp_path / "leases.json"
     book = LeaseBook(path, TaskStore())
     records = {
@@ -162,7 +162,7 @@ def test_lease_book_survives_a_restart_and_only_ever_moves_back(tmp_path: Path) 
         "prep": TaskRecord("prep", "p"),  # no container: nothing to lease
     }
     book.update(records.values(), complete=True)
-    book.save_if_changed()
+    await book.save_if_changed()
     assert json.loads(path.read_text()) == {"p/a": 1000.0, "p/b": 2000.0}
     assert not path.with_suffix(".tmp").exists()
 
@@ -191,18 +191,18 @@ def test_lease_book_reads_the_times_saved_by_result_alone(tmp_path: Path) -> Non
     assert book.seen == {"p/a": 1000.0}
 
 
-def test_lease_book_saves_only_real_changes_and_survives_a_bad_disk(tmp_path: Path) -> None:
+async def test_lease_book_saves_only_real_changes_and_survives_a_bad_disk(tmp_path: Path) -> None:
     path = tmp_path / "leases.json"
     book = LeaseBook(path, TaskStore())
     book.seen = {"a": 1000.0}
-    book.save_if_changed(granularity_s=30)
+    await book.save_if_changed(granularity_s=30)
     mtime = path.stat().st_mtime_ns
     book.seen = {"a": 1010.0}
-    book.save_if_changed(granularity_s=30)
+    await book.save_if_changed(granularity_s=30)
     assert path.stat().st_mtime_ns == mtime  # 10 s: not worth a write
     book.seen = {"a": 1040.0}
     (tmp_path / "leases.tmp").mkdir()  # the write cannot happen
-    book.save_if_changed(granularity_s=30)  # logged, not raised
+    await book.save_if_changed(granularity_s=30)  # logged, not raised
     assert json.loads(path.read_text()) == {"a": 1000.0}
     path.write_text("{not json")
     assert LeaseBook(path, TaskStore()).seen == {}
