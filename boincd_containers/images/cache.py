@@ -37,6 +37,7 @@ from boincd_containers.core.errors import (
     Unavailable,
 )
 from boincd_containers.core.log import get_logger
+from boincd_containers.core.supervise import Background
 from boincd_containers.engine.protocols import ImageCacheEngine
 from boincd_containers.host.safepath import READ_FILE, Opened, UnsafePath, inside, open_beneath
 from boincd_containers.images.accounting import normalize_id
@@ -103,6 +104,7 @@ class ImageCache:
         self._pull_backoff: dict[str, tuple[float, float, BoincdError]] = {}
         self.records = ImageRecords(state_dir / "images.json")
         self._inflight: dict[str, asyncio.Future[str]] = {}
+        self._background = Background()  # the flights, ended by close()
         self._progress: dict[str, str] = {}  # flight key -> latest progress line
         self._details: dict[str, dict[str, Any]] = {}  # flight key -> bytes, rate
         self._listeners: dict[str, list[Progress]] = {}
@@ -251,7 +253,7 @@ class ImageCache:
         if task is None:
             # Its own task, held here until done: a waiter that gives up (a task
             # aborted mid-pull) must not cancel the pull the other waiters share.
-            task = asyncio.ensure_future(self._fly(key, work))
+            task = self._background.spawn(self._fly(key, work), name=key)
             self._inflight[key] = task
             task.add_done_callback(lambda _: self._flight_done(key))
         if progress is not None:
@@ -300,10 +302,7 @@ class ImageCache:
 
     async def close(self) -> None:
         """Cancel work nobody will wait for any more (daemon shutdown)."""
-        tasks = list(self._inflight.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._background.close()
         self.records.save_if_dirty()
 
     # -- pull ---------------------------------------------------------------------

@@ -23,6 +23,7 @@ from boincd_containers.core.errors import BoincdError, Conflict, NotFound
 from boincd_containers.core.log import get_logger, task_context
 from boincd_containers.core.persist import PersistentSet
 from boincd_containers.core.settings import Settings
+from boincd_containers.core.supervise import Background
 from boincd_containers.engine.protocols import TaskEngine
 from boincd_containers.host.mounts import MountTable
 from boincd_containers.images.cache import ImageCache
@@ -67,6 +68,7 @@ class TaskManager:
         self.store = registry.store
         self._locks: defaultdict[TaskKey, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._preparing: dict[TaskKey, asyncio.Task[None]] = {}
+        self._background = Background()  # the preparations, ended by close()
         # Tasks whose shim quit and left the container paused (store.set_detached).
         self.detached = PersistentSet(Path(settings.state_dir) / "detached.json")
         self.mounts = MountTable(Path(settings.state_dir))
@@ -144,7 +146,9 @@ class TaskManager:
                 shim_priority=request.priority,
             )
             self.store.add(record)
-            task = asyncio.ensure_future(self._prepare(record, request, paths))
+            task = self._background.spawn(
+                self._prepare(record, request, paths), name=f"prepare {key}"
+            )
             self._preparing[key] = task
             task.add_done_callback(lambda _: self._preparing.pop(key, None))
             # Also when cancelled before it ran (an abort at once): its finally never ran.
@@ -419,7 +423,4 @@ class TaskManager:
         return record
 
     async def close(self) -> None:
-        tasks = list(self._preparing.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._background.close()
