@@ -79,6 +79,9 @@ class GpuService:
         containers = {
             r.result: r.container_id for r in self.registry.tasks.values() if r.container_id
         }
+        if not self.allocator.backends:
+            # No GPU inventory to ask (most hosts): no driver call, no thread.
+            return self.allocator.snapshot(containers).to_dict()
         try:
             snap = await asyncio.wait_for(
                 asyncio.to_thread(self.allocator.snapshot, containers), self.timeout_s
