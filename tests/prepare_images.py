@@ -39,7 +39,7 @@ def refresh_podman_stores() -> None:
         service = PodmanService(user)
         try:
             engine = service.start()
-            engine.images.remove(TEST_IMAGE)
+            engine.remove_image(TEST_IMAGE)
             engine.ensure_test_image()
             print(f"test image loaded into {engine}: {engine.image_id(TEST_IMAGE)}")
         except RuntimeError as e:
