@@ -27,7 +27,7 @@ engine's events), and when the app wrote boinc_finish_called (its mtime), so
 the table can say where the time goes.
 
 Each round starts a fresh client in a fresh data dir. The image is present
-beforehand. Reuses tests/boinc_harness.py (`BoincClient`) for the client's data
+beforehand. Reuses boincd_containers/testing/boinc.py (`BoincClient`) for the client's data
 dir and lifecycle rather than a second copy of it here (see issue 16).
 """
 

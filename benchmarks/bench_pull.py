@@ -8,7 +8,7 @@ a 32 MiB layer. Each round, with the image removed from the engine first:
 * one task through the daemon; N concurrent tasks through the daemon.
 
 "Image ready" is the engine's `pull` event; the registry's access log counts
-pulls (manifest requests by tag, see tests/registry.py).
+pulls (manifest requests by tag, see boincd_containers/testing/local_registry.py).
 """
 
 from __future__ import annotations

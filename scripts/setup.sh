@@ -64,7 +64,7 @@ fi
 if [ "$want_tests" = "--test" ]; then
   # Podman for the tests. Each test session starts its own `podman system
   # service` (rootful, and rootless as boinctest) with its own containers.conf
-  # (tests/podman_harness.py); nothing Podman runs between sessions. What they
+  # (boincd_containers/testing/podman.py); nothing Podman runs between sessions. What they
   # need from the host: an unprivileged user with a subordinate id range
   # (rootless Podman maps its containers' users through it).
   if ! id boinctest >/dev/null 2>&1; then

@@ -3,11 +3,11 @@ BOINCD_REQUIRE_ENGINE=1 turns a missing engine into a failure.
 
 `engine` is Docker unless a module asks for more with
 `pytest.mark.parametrize("engine", ENGINES, indirect=True)` (ENGINES from
-tests/podman_harness.py): then its tests run
+boincd_containers/testing/podman.py): then its tests run
 once per engine, ids `[docker]` and `[podman]`; Podman is a rootful
-`podman system service` the session starts (tests/podman_harness.py).
+`podman system service` the session starts (boincd_containers/testing/podman.py).
 
-`boinc_client` is the BOINC client release (tests/clients.py): a test that uses
+`boinc_client` is the BOINC client release (boincd_containers/testing/clients.py): a test that uses
 it runs under each, ids `[7.20.5]` and `[8.2.15]`; BOINCD_REQUIRE_BOINC=1 turns
 a missing release into a failure."""
 
@@ -128,7 +128,7 @@ def volume_image(short_tmp: Path, test_image: str) -> Iterator[str]:
 @pytest.fixture(scope="session", params=CLIENT_PARAMS)
 def boinc_client(request: pytest.FixtureRequest) -> ClientBinaries:
     """The BOINC client release a test runs under: each test using it runs under
-    7.20.5 and 8.2.15 (tests/clients.py), failing where BOINCD_REQUIRE_BOINC=1
+    7.20.5 and 8.2.15 (boincd_containers/testing/clients.py), failing where BOINCD_REQUIRE_BOINC=1
     and that release is missing."""
     binaries: ClientBinaries = request.param
     return require_client(binaries)

@@ -8,7 +8,7 @@ at ``127.0.0.1:1``, where a connection is refused at once, so a client allowed t
 use the network fails fast instead of hanging on DNS or timeouts.
 
 The client binaries are a parameter (``ClientBinaries``: Debian's 7.20.5, or
-8.2.15 from ../shared/); the e2e tests run under both (tests/clients.py). A
+8.2.15 from ../shared/); the e2e tests run under both (boincd_containers/testing/clients.py). A
 ``BoincClient`` knows what it drives: ``binaries.version``, and whether it was
 started with ``--allow_multiple_clients`` (the default, as tests must not
 disturb each other) or as a volunteer's client is, without it.
@@ -58,7 +58,7 @@ Where 8.2.15 differs from 7.20.5:
   hello-world``, then the same with ``docker``; the first whose output has a
   line containing "Hello" is logged as "Docker: version V (Docker|podman)"
   (else "... found but 'hello-world' test failed"). Offline that needs a local
-  ``hello-world`` image (tests/volunteer.py).
+  ``hello-world`` image (boincd_containers/testing/volunteer.py).
 * Without ``--allow_multiple_clients`` (cc_config or flag), once the probe
   found an engine, ``docker_cleanup`` (client/cs_apps.cpp) runs ``ps --all``
   and ``rm -f`` on every container whose name starts with ``boinc__``, except

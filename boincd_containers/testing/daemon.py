@@ -20,7 +20,7 @@ TEST_IMAGE = "boincd-test/busybox:latest"
 
 
 class EngineCli(Protocol):
-    """The engine's command line (tests/podman_harness.py TestEngine): docker or podman."""
+    """The engine's command line (testing/podman.py TestEngine): docker or podman."""
 
     def cli(self, *args: str, check: bool = True) -> str: ...
 

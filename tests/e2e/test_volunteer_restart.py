@@ -1,7 +1,7 @@
 """What a volunteer's host does to a task, under both client releases, on Docker.
 
 The client runs as a volunteer runs it: without --allow_multiple_clients, on a
-host whose engine it detects (a local `hello-world`, tests/volunteer.py), with a
+host whose engine it detects (a local `hello-world`, boincd_containers/testing/volunteer.py), with a
 `boinc__` container that is not ours. A client 8.2 then runs its docker cleanup
 at every start (client/cs_apps.cpp `docker_cleanup`): it must remove the decoy
 (its message "Removed unused Docker container" proves the cleanup ran) and

@@ -1,4 +1,4 @@
-"""tests/registry.py works: push to a local registry, pull back through the
+"""testing/local_registry.py works: push to a local registry, pull back through the
 engine, and count pulls from the registry's access log."""
 
 from __future__ import annotations

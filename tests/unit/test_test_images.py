@@ -1,4 +1,4 @@
-"""The test image's root filesystem (tests/daemon_harness.py): a fresh machine
+"""The test image's root filesystem (boincd_containers/testing/daemon.py): a fresh machine
 builds it from /bin/busybox alone, so its layout must be right by itself."""
 
 from __future__ import annotations
