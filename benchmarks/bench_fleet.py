@@ -21,11 +21,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import psutil
 
 from benchmarks import profiling
@@ -218,6 +220,38 @@ def _dockerd() -> psutil.Process | None:
     return None
 
 
+async def _static_answer_times(run: Run, body: bytes) -> list[float]:
+    """GET times of `body` served as is by benchmarks/static_server.py: the floor
+    of the status answer, measured in the same phase, from the same client."""
+    with tempfile.TemporaryDirectory(prefix="bd-floor-") as tmp:
+        body_file, socket_path = Path(tmp) / "status.json", str(Path(tmp) / "s.sock")
+        body_file.write_bytes(body)
+        server = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchmarks.static_server", socket_path, str(body_file)
+        )
+        api = DaemonApi(socket_path)
+        try:
+            deadline = time.monotonic() + 30
+            while True:  # until it answers
+                try:
+                    await api.call("GET", "/")
+                    break
+                except aiohttp.ClientError:
+                    if time.monotonic() > deadline or server.returncode is not None:
+                        raise BenchError("the static answer server did not start") from None
+                    await asyncio.sleep(0.05)
+            times = []
+            for _ in range(run.n(200, 5)):
+                t0 = time.perf_counter()
+                await api.call("GET", "/v1/status")
+                times.append(time.perf_counter() - t0)
+            return times
+        finally:
+            await api.close()
+            server.terminate()
+            await server.wait()
+
+
 async def _accounting(
     run: Run, result: Result, d: BenchDaemon, api: DaemonApi, engine: RawEngine, slots: list[Slot]
 ) -> None:
@@ -234,6 +268,7 @@ async def _accounting(
         status = await api.call("GET", "/v1/status")
         status_times.append(time.perf_counter() - t0)
         size = len(json.dumps(status))
+    floor_times = await _static_answer_times(run, json.dumps(status).encode())
     images_times = []
     if await api.call("GET", "/v1/images", ok404=True) is not None:
         for _ in range(run.n(50, 2)):
@@ -249,6 +284,7 @@ async def _accounting(
         result.details["profile_daemon_status"] = prof
     df_after = await engine.call("GET", "/system/df")
     st, dt = summary(status_times, 5), summary(df_times, 4)
+    ft = summary(floor_times, 5)
     images: dict[str, Any] = status.get("images") or {}
     ours = {s.project for s in slots}
     ours_rw = sum(
@@ -261,6 +297,7 @@ async def _accounting(
         "system_df_s": dt,
         "images_endpoint_s": summary(images_times, 5),
         "status_json_bytes": size,
+        "static_answer_s": ft,
         "status_keys": sorted(status),
         "df_layers_size": df.get("LayersSize"),
         "df_layers_size_after": df_after.get("LayersSize"),
@@ -283,6 +320,16 @@ async def _accounting(
         met=st["p95"] <= 0.005 and st["p95"] <= 0.25 * dt["p50"],
         note=f"p50 {st['p50'] * 1e3:.1f} ms; {size / 1024:.0f} KiB of JSON"
         + (f"; {note}" if note else ""),
+    )
+    result.claim(
+        "accounting.status_floor",
+        "the same bytes from a bare aiohttp app on a Unix socket, same client (p95)",
+        ft["p95"] * 1e3,
+        "ms",
+        baseline=st["p95"] * 1e3,
+        baseline_what="our `GET /v1/status` (p95)",
+        note=f"p50 {ft['p50'] * 1e3:.1f} ms; the HTTP server, the socket and the client "
+        "decoding the JSON, with none of the daemon's work",
     )
     total = None if pending else images.get("total_bytes")
     layers = {df.get("LayersSize"), df_after.get("LayersSize")}
