@@ -200,7 +200,6 @@ def _gpu_families(daemon: Daemon) -> list[Family]:
     # Assignments only (a lock and a dict): no NVML call per scrape. Cards no
     # task holds therefore do not appear; `ctl gpus` lists the full inventory.
     assignments = daemon.gpus.allocator.assignments()
-    projects = {r.result: r.project for r in daemon.registry.tasks.values()}
     share = Family(
         "boincd_task_gpu_share",
         "gauge",
@@ -215,12 +214,13 @@ def _gpu_families(daemon: Daemon) -> list[Family]:
     holders: dict[str, int] = {}
     names = {d.uuid: d.name for a in assignments for d in a.devices}
     for a in sorted(assignments, key=lambda a: a.result):
-        project = projects.get(a.result, "")
+        # The allocator's holder is "project/result" (tasks/gpus.py).
+        project, _, result = a.result.partition("/")
         for uuid in a.uuids:
-            share.add(a.share, result=a.result, project=project, gpu=uuid)
+            share.add(a.share, result=result, project=project, gpu=uuid)
             allocated[uuid] = allocated.get(uuid, 0.0) + a.share
             holders[uuid] = holders.get(uuid, 0) + 1
-        budget.add(a.memory_budget_bytes, result=a.result, project=project)
+        budget.add(a.memory_budget_bytes, result=result, project=project)
     card = Family(
         "boincd_gpu_allocated_ratio",
         "gauge",

@@ -18,6 +18,7 @@ from boincd_containers.host.gpu import (
 )
 from boincd_containers.job.spec import TaskRequest
 from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.state import TaskKey
 
 
 def _translate(exc: GpuError) -> BoincdError:
@@ -26,6 +27,18 @@ def _translate(exc: GpuError) -> BoincdError:
     if isinstance(exc, GpuUnavailable):
         return Unavailable(exc.message, retryable=exc.retryable)
     return BadRequest(exc.message)
+
+
+def holder(key: TaskKey) -> str:
+    """The allocator's name for a task's holding: "project/result", as result names
+    are unique per project only (neither name holds a "/")."""
+    return str(key)
+
+
+def _shown(share: dict[str, Any]) -> dict[str, Any]:
+    """A share as the API shows it: its task's result and project apart."""
+    project, _, result = str(share.get("result", "")).partition("/")
+    return {**share, "result": result, "project": project}
 
 
 class GpuService:
@@ -49,7 +62,11 @@ class GpuService:
             try:
                 # NVML calls block for milliseconds: keep them off the event loop.
                 assignment = await asyncio.to_thread(
-                    self.allocator.allocate, request.result, gpu.type, gpu.device_num, gpu.usage
+                    self.allocator.allocate,
+                    holder(TaskKey(request.project, request.result)),
+                    gpu.type,
+                    gpu.device_num,
+                    gpu.usage,
                 )
             except GpuError as exc:
                 raise _translate(exc) from exc
@@ -57,17 +74,17 @@ class GpuService:
             return gpu_container_config(assignment, engine="podman").apply(body)
         return gpu_container_config(assignment, engine="docker").apply(body)
 
-    def release(self, result: str) -> None:
-        self.allocator.release(result)
+    def release(self, key: TaskKey) -> None:
+        self.allocator.release(holder(key))
 
     def dropped(self, record: TaskRecord) -> None:
         """Registry hook: the container is gone, however it went; so is its share."""
-        self.allocator.release(record.result)
+        self.allocator.release(holder(record.key))
 
     def restore(self, record: TaskRecord, labels: dict[str, str]) -> None:
         # A card that is gone: the task fails on its own and is collected later.
         with contextlib.suppress(GpuError):
-            self.allocator.restore_from_labels(record.result, labels)
+            self.allocator.restore_from_labels(holder(record.key), labels)
 
     def task_fields(self, record: TaskRecord) -> dict[str, Any]:
         return {}
@@ -77,11 +94,11 @@ class GpuService:
 
     async def snapshot(self) -> dict[str, Any]:
         containers = {
-            r.result: r.container_id for r in self.registry.tasks.values() if r.container_id
+            holder(r.key): r.container_id for r in self.registry.tasks.values() if r.container_id
         }
         if not self.allocator.backends:
             # No GPU inventory to ask (most hosts): no driver call, no thread.
-            return self.allocator.snapshot(containers).to_dict()
+            return self._shown(self.allocator.snapshot(containers).to_dict())
         try:
             snap = await asyncio.wait_for(
                 asyncio.to_thread(self.allocator.snapshot, containers), self.timeout_s
@@ -96,6 +113,16 @@ class GpuService:
                 "showing what was last known",
             ]
             return stale
-        data: dict[str, Any] = snap.to_dict()
+        data = self._shown(snap.to_dict())
         self._last = data
         return data
+
+    @staticmethod
+    def _shown(data: dict[str, Any]) -> dict[str, Any]:
+        """The snapshot as the API shows it: results and projects, not holders."""
+        devices = [
+            {**d, "tasks": [str(t).partition("/")[2] for t in d.get("tasks", [])]}
+            for d in data.get("devices", [])
+        ]
+        shares = [_shown(s) for s in data.get("shares", [])]
+        return {**data, "devices": devices, "shares": shares}

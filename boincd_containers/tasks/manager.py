@@ -246,13 +246,13 @@ class TaskManager:
             # "waiting": a retryable cause (network off, GPU busy, engine down);
             # the next create-or-attach prepares it again.
             if self.gpus is not None:
-                self.gpus.release(request.result)
+                self.gpus.release(record.key)
             log.warning("task preparation failed", error=exc.message)
             state = TaskState.WAITING if exc.retryable else TaskState.FAILED
             self.store.set_state(record, state, exc)
         except Exception as exc:  # a bug: report it on the task instead of losing it
             if self.gpus is not None:
-                self.gpus.release(request.result)
+                self.gpus.release(record.key)
             log.error("task preparation crashed", exc_info=exc)
             error = BoincdError(f"internal error: {exc!r}")
             self.store.set_state(record, TaskState.FAILED, error)
@@ -399,7 +399,7 @@ class TaskManager:
             if record is not None:
                 self.store.drop(record)  # its on_drop hooks release its GPU share
             elif self.gpus is not None:
-                self.gpus.release(result)
+                self.gpus.release(key)
             log.info("task removed")
             self.store.clear_detached(key)  # last: a refused save undoes nothing above
 

@@ -204,8 +204,8 @@ async def test_scrape_reports_tasks_resources_gpus_and_engine(daemon: Daemon) ->
     _task(daemon, "r_2", "proj_b", "running", Sample(1.0, 3.0, 2**20, 2**20, 0, 0))
     _task(daemon, 'r_"3"', "proj_b", "paused", None)
     allocator = daemon.gpus.allocator
-    allocator.allocate("r_1", "NVIDIA", 0, 0.5)
-    allocator.allocate("r_2", "NVIDIA", 0, 0.5)
+    allocator.allocate("proj_a/r_1", "NVIDIA", 0, 0.5)
+    allocator.allocate("proj_b/r_2", "NVIDIA", 0, 0.5)
     backend = cast(FakeGpuBackend, allocator.backends[0])
     driver_calls = backend.calls
     daemon.registry.engine_error = None

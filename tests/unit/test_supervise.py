@@ -113,17 +113,17 @@ async def test_a_container_removed_behind_the_daemons_back_releases_its_gpu() ->
         "boincd__proj__r_gpu", {"Image": "boincd-test/busybox:latest", "Labels": labels,
                                 "HostConfig": {}},
     )  # fmt: skip
-    gpus.allocator.allocate("r_gpu", "NVIDIA", 0, 0.5)
+    gpus.allocator.allocate("proj/r_gpu", "NVIDIA", 0, 0.5)
     record = TaskRecord("r_gpu", "proj", container_id=cid)
     registry.store.add(record)
     await registry.refresh(record)
-    assert gpus.allocator.get("r_gpu") is not None
+    assert gpus.allocator.get("proj/r_gpu") is not None
 
     del engine.containers.by_id[cid]  # `docker rm -f` by someone else; the event was lost
     await registry.relist()
     assert record.key not in registry.tasks
     assert record.state == "removed"
-    assert gpus.allocator.get("r_gpu") is None
+    assert gpus.allocator.get("proj/r_gpu") is None
     assert gpus.allocator.allocated_units(backend.uuid(0)) == 0
 
 
