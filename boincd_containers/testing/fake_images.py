@@ -6,7 +6,6 @@ container uses), not how Docker stores things; real-engine tests cover that."""
 from __future__ import annotations
 
 import asyncio
-import builtins
 import hashlib
 from collections.abc import Sequence
 from typing import Any
@@ -119,13 +118,6 @@ class StoredImages(FakeImages):
             self.by_ref.pop(tag, None)
         fake.event("delete", data["Id"])
         return [{"Deleted": data["Id"]}]
-
-    async def load(
-        self, tarball: Any, progress: Any = None, *, name: str | None = None
-    ) -> builtins.list[str]:
-        self._check()
-        self.engine.calls.append(("load", name or str(tarball)))
-        raise ImageError("load: not supported by the fake")
 
     async def build(
         self,
