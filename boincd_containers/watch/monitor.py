@@ -82,19 +82,11 @@ class Monitor:
         self.ticks = 0
         self._priority_denied: set[TaskKey] = set()  # tasks already logged
 
-    def sample(
-        self, record: TaskRecord, stats: dict[int, proctree.ProcStat] | None = None
-    ) -> Sample | None:
-        """Read one task's figures now and keep them; None when it has no live cgroup."""
-        sample = self._measure(record, stats)
-        if sample is not None:
-            self.samples[record.key] = sample
-        return sample
-
     def _measure(
         self, record: TaskRecord, stats: dict[int, proctree.ProcStat] | None = None
     ) -> Sample | None:
-        """Read one task's figures (files only: safe in a worker thread)."""
+        """Read one task's figures (files only: safe in a worker thread); None when
+        it has no live cgroup."""
         if not record.pid or not record.container_id:
             return None
         if record.unenforced:
