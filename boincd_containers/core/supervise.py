@@ -102,13 +102,13 @@ async def running(*loops: LoopFactory) -> AsyncIterator[None]:
     Not a TaskGroup: a TaskGroup held open across a `yield` would take the
     caller's cancellation for its own, and one child's failure would cancel the
     siblings; supervise() never lets a failure out."""
-    tasks = [asyncio.create_task(supervise(make), name=loop_name(make)) for make in loops]
+    background = Background()
+    for make in loops:
+        background.spawn(supervise(make), name=loop_name(make))
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await background.close()
 
 
 class Background:
