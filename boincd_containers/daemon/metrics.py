@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from boincd_containers.core.errors import BoincdError
 from boincd_containers.core.log import get_logger
-from boincd_containers.tasks.state import TaskState
+from boincd_containers.tasks.state import TaskKey, TaskState
 
 if TYPE_CHECKING:
     from boincd_containers.daemon.app import Daemon
@@ -214,13 +214,12 @@ def _gpu_families(daemon: Daemon) -> list[Family]:
     holders: dict[str, int] = {}
     names = {d.uuid: d.name for a in assignments for d in a.devices}
     for a in sorted(assignments, key=lambda a: a.result):
-        # The allocator's holder is "project/result" (tasks/gpus.py).
-        project, _, result = a.result.partition("/")
+        task = TaskKey.parse(a.result)  # the allocator holds per task, not per result
         for uuid in a.uuids:
-            share.add(a.share, result=result, project=project, gpu=uuid)
+            share.add(a.share, result=task.result, project=task.project, gpu=uuid)
             allocated[uuid] = allocated.get(uuid, 0.0) + a.share
             holders[uuid] = holders.get(uuid, 0) + 1
-        budget.add(a.memory_budget_bytes, result=result, project=project)
+        budget.add(a.memory_budget_bytes, result=task.result, project=task.project)
     card = Family(
         "boincd_gpu_allocated_ratio",
         "gauge",

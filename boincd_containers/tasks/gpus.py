@@ -29,16 +29,18 @@ def _translate(exc: GpuError) -> BoincdError:
     return BadRequest(exc.message)
 
 
-def holder(key: TaskKey) -> str:
-    """The allocator's name for a task's holding: "project/result", as result names
-    are unique per project only (neither name holds a "/")."""
-    return str(key)
-
-
-def _shown(share: dict[str, Any]) -> dict[str, Any]:
-    """A share as the API shows it: its task's result and project apart."""
-    project, _, result = str(share.get("result", "")).partition("/")
-    return {**share, "result": result, "project": project}
+def _shown(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The allocator's snapshot as the API shows it. The allocator holds shares per
+    task, named `str(TaskKey)`: result names are unique per project only."""
+    devices = [
+        {**d, "tasks": [TaskKey.parse(str(t)).result for t in d.get("tasks", [])]}
+        for d in snapshot.get("devices", [])
+    ]
+    shares = []
+    for share in snapshot.get("shares", []):
+        task = TaskKey.parse(str(share.get("result", "")))
+        shares.append({**share, "result": task.result, "project": task.project})
+    return {**snapshot, "devices": devices, "shares": shares}
 
 
 class GpuService:
@@ -63,7 +65,7 @@ class GpuService:
                 # NVML calls block for milliseconds: keep them off the event loop.
                 assignment = await asyncio.to_thread(
                     self.allocator.allocate,
-                    holder(TaskKey(request.project, request.result)),
+                    str(TaskKey(request.project, request.result)),
                     gpu.type,
                     gpu.device_num,
                     gpu.usage,
@@ -75,16 +77,16 @@ class GpuService:
         return gpu_container_config(assignment, engine="docker").apply(body)
 
     def release(self, key: TaskKey) -> None:
-        self.allocator.release(holder(key))
+        self.allocator.release(str(key))
 
     def dropped(self, record: TaskRecord) -> None:
         """Registry hook: the container is gone, however it went; so is its share."""
-        self.allocator.release(holder(record.key))
+        self.allocator.release(str(record.key))
 
     def restore(self, record: TaskRecord, labels: dict[str, str]) -> None:
         # A card that is gone: the task fails on its own and is collected later.
         with contextlib.suppress(GpuError):
-            self.allocator.restore_from_labels(holder(record.key), labels)
+            self.allocator.restore_from_labels(str(record.key), labels)
 
     def task_fields(self, record: TaskRecord) -> dict[str, Any]:
         return {}
@@ -94,11 +96,11 @@ class GpuService:
 
     async def snapshot(self) -> dict[str, Any]:
         containers = {
-            holder(r.key): r.container_id for r in self.registry.tasks.values() if r.container_id
+            str(r.key): r.container_id for r in self.registry.tasks.values() if r.container_id
         }
         if not self.allocator.backends:
             # No GPU inventory to ask (most hosts): no driver call, no thread.
-            return self._shown(self.allocator.snapshot(containers).to_dict())
+            return _shown(self.allocator.snapshot(containers).to_dict())
         try:
             snap = await asyncio.wait_for(
                 asyncio.to_thread(self.allocator.snapshot, containers), self.timeout_s
@@ -113,16 +115,7 @@ class GpuService:
                 "showing what was last known",
             ]
             return stale
-        data = self._shown(snap.to_dict())
+        data = _shown(snap.to_dict())
         self._last = data
         return data
 
-    @staticmethod
-    def _shown(data: dict[str, Any]) -> dict[str, Any]:
-        """The snapshot as the API shows it: results and projects, not holders."""
-        devices = [
-            {**d, "tasks": [str(t).partition("/")[2] for t in d.get("tasks", [])]}
-            for d in data.get("devices", [])
-        ]
-        shares = [_shown(s) for s in data.get("shares", [])]
-        return {**data, "devices": devices, "shares": shares}

@@ -58,3 +58,10 @@ class TaskKey(NamedTuple):
         # Neither name may hold a "/" (job.spec.check_name): one string, unambiguous,
         # for the state files keyed by task.
         return f"{self.project}/{self.result}"
+
+    @classmethod
+    def parse(cls, text: str) -> TaskKey:
+        """The key `str()` wrote (used where a task must be named by one string: the
+        state files, the GPU allocator's holders)."""
+        project, _, result = text.partition("/")
+        return cls(project, result)
