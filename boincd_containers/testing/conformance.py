@@ -24,38 +24,11 @@ COMPONENT_PROTOCOLS: tuple[type, ...] = (
 )
 
 
-def _engine_fits(engine: Engine) -> None:
-    """Type-checked, never called: each assignment fails mypy if the engine lacks
-    a call its component makes, or makes it with another signature."""
-    image_cache: P.ImageCacheEngine = engine
-    registry: P.RegistryEngine = engine
-    tasks: P.TaskEngine = engine
-    limits: P.LimitsEngine = engine
-    memwatch: P.MemoryWatchEngine = engine
-    collector: P.CollectorEngine = engine
-    disk_usage: P.DiskUsageEngine = engine
-    layers: P.LayersEngine = engine
-    inventory: P.InventoryEngine = engine
-    del image_cache, registry, tasks, limits, memwatch, collector, disk_usage, layers, inventory
-
-
-def _fake_fits(engine: FakeEngine) -> None:
-    """The same for the fake, which tests hand every component."""
-    image_cache: P.ImageCacheEngine = engine
-    registry: P.RegistryEngine = engine
-    tasks: P.TaskEngine = engine
-    limits: P.LimitsEngine = engine
-    memwatch: P.MemoryWatchEngine = engine
-    collector: P.CollectorEngine = engine
-    disk_usage: P.DiskUsageEngine = engine
-    layers: P.LayersEngine = engine
-    inventory: P.InventoryEngine = engine
-    del image_cache, registry, tasks, limits, memwatch, collector, disk_usage, layers, inventory
-
-
-def _image_fake_fits(engine: ImageEngine) -> None:
-    """And for the fake with an image store, a FakeEngine whose resources are
-    subclasses: still the same shapes."""
+def _engines_fit(engine: Engine | FakeEngine | ImageEngine) -> None:
+    """Type-checked, never called: each assignment fails mypy if the real engine or
+    a fake (mypy checks each member of the union) lacks a call its component
+    makes, or makes it with another signature. ImageEngine is a FakeEngine whose
+    resources are subclasses: still the same shapes."""
     image_cache: P.ImageCacheEngine = engine
     registry: P.RegistryEngine = engine
     tasks: P.TaskEngine = engine

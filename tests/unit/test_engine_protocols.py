@@ -1,8 +1,8 @@
 """The real Engine and the fakes tests hand the components fit each component's
-Protocol (engine/protocols.py). mypy checks the signatures (this file is in
-[tool.mypy] files, and testing/conformance.py in the package); here the same
-is asserted at run time, resource by resource, so that a fake missing a verb
-fails a test, not a component deep in another one."""
+Protocol (engine/protocols.py). mypy checks the signatures statically
+(testing/conformance.py); here the same is asserted at run time, resource by
+resource, so that a fake missing a verb fails a test, not a component deep in
+another one."""
 
 from __future__ import annotations
 
@@ -19,21 +19,6 @@ from boincd_containers.testing.fakes import FakeEngine
 
 def engines() -> list[Engine | FakeEngine]:
     return [Engine("unix:///nonexistent"), FakeEngine(), ImageEngine()]
-
-
-def test_the_real_engine_and_the_fakes_fit_every_component_statically() -> None:
-    # What mypy checks here: each assignment fails it if a call is missing or
-    # takes other arguments.
-    for engine in engines():
-        cache: P.ImageCacheEngine = engine
-        registry: P.RegistryEngine = engine
-        tasks: P.TaskEngine = engine
-        limits: P.LimitsEngine = engine
-        memwatch: P.MemoryWatchEngine = engine
-        collector: P.CollectorEngine = engine
-        layers: P.LayersEngine = engine
-        inventory: P.InventoryEngine = engine
-        assert all((cache, registry, tasks, limits, memwatch, collector, layers, inventory))
 
 
 @pytest.mark.parametrize("protocol", COMPONENT_PROTOCOLS, ids=lambda p: p.__name__)
