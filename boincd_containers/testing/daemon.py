@@ -197,12 +197,16 @@ class DaemonProcess:
         finally:
             client.close()
 
-    def wait_task(self, result: str, states: set[str], timeout: float = 30) -> dict[str, Any]:
-        """Poll the task until its state is one of `states`; fail with the daemon's log."""
+    def wait_task(
+        self, result: str, states: set[str], timeout: float = 30, *, project: str | None = None
+    ) -> dict[str, Any]:
+        """Poll the task (of `project`, when given) until its state is one of
+        `states`; fail with the daemon's log."""
         deadline = time.monotonic() + timeout
         task: dict[str, Any] = {}
+        path = f"/v1/tasks/{result}" + (f"?project={project}" if project else "")
         while time.monotonic() < deadline:
-            task = self.request("GET", f"/v1/tasks/{result}")
+            task = self.request("GET", path)
             if task["state"] in states:
                 return task
             time.sleep(0.05)

@@ -7,7 +7,6 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -189,16 +188,8 @@ def test_two_projects_tasks_of_the_same_result_name_are_two_tasks(
     slot_b.mkdir()
     daemon.request("POST", "/v1/tasks", body(slot_a, "dup_1", "sleep 60"))
     daemon.request("POST", "/v1/tasks", {**body(slot_b, "dup_1", "sleep 60"), "project": other})
-    deadline = time.monotonic() + 60
-    tasks: dict[str, dict[str, Any]] = {}
-    while time.monotonic() < deadline and len(tasks) < 2:
-        for project in (PROJECT, other):
-            task = daemon.request("GET", f"/v1/tasks/dup_1?project={project}")
-            if task["state"] == "created":
-                tasks[project] = task
-        time.sleep(0.2)
-    assert set(tasks) == {PROJECT, other}
-    mine, theirs = tasks[PROJECT]["container_id"], tasks[other]["container_id"]
+    mine = daemon.wait_task("dup_1", {"created"}, 60, project=PROJECT)["container_id"]
+    theirs = daemon.wait_task("dup_1", {"created"}, 60, project=other)["container_id"]
     assert mine != theirs
     assert engine.inspect(mine)["Name"].lstrip("/") == L.container_name(PROJECT, "dup_1")
     assert engine.inspect(theirs)["Name"].lstrip("/") == L.container_name(other, "dup_1")
