@@ -45,6 +45,7 @@ from benchmarks.common import (
     cpu_window,
     kill_quietly,
     summary,
+    timed_calls,
     vm_hwm_bytes,
 )
 from benchmarks.daemon import BenchDaemon, DaemonApi, daemon
@@ -240,11 +241,7 @@ async def _static_answer_times(run: Run, body: bytes) -> list[float]:
                     if time.monotonic() > deadline or server.returncode is not None:
                         raise BenchError("the static answer server did not start") from None
                     await asyncio.sleep(0.05)
-            times = []
-            for _ in range(run.n(200, 5)):
-                t0 = time.perf_counter()
-                await api.call("GET", "/v1/status")
-                times.append(time.perf_counter() - t0)
+            times, _ = await timed_calls(run.n(200, 5), lambda: api.call("GET", "/v1/status"))
             return times
         finally:
             await api.close()
@@ -256,25 +253,16 @@ async def _accounting(
     run: Run, result: Result, d: BenchDaemon, api: DaemonApi, engine: RawEngine, slots: list[Slot]
 ) -> None:
     status = await _settled_status(api, engine, timeout_s=run.seconds(60, 20))
-    df_times, status_times = [], []
-    df: dict[str, Any] = {}
-    for _ in range(run.n(5, 1)):
-        t0 = time.perf_counter()
-        df = await engine.call("GET", "/system/df")
-        df_times.append(time.perf_counter() - t0)
-    size = 0
-    for _ in range(run.n(200, 5)):
-        t0 = time.perf_counter()
-        status = await api.call("GET", "/v1/status")
-        status_times.append(time.perf_counter() - t0)
-        size = len(json.dumps(status))
-    floor_times = await _static_answer_times(run, json.dumps(status).encode())
-    images_times = []
+    df_times, df = await timed_calls(run.n(5, 1), lambda: engine.call("GET", "/system/df"))
+    df = df or {}
+    status_times, last = await timed_calls(run.n(200, 5), lambda: api.call("GET", "/v1/status"))
+    status = last or status
+    encoded = json.dumps(status).encode()
+    size = len(encoded)
+    floor_times = await _static_answer_times(run, encoded)
+    images_times: list[float] = []
     if await api.call("GET", "/v1/images", ok404=True) is not None:
-        for _ in range(run.n(50, 2)):
-            t0 = time.perf_counter()
-            await api.call("GET", "/v1/images")
-            images_times.append(time.perf_counter() - t0)
+        images_times, _ = await timed_calls(run.n(50, 2), lambda: api.call("GET", "/v1/images"))
     if run.profile_dir is not None:
         # Where a status answer's time goes: py-spy on the daemon under a steady stream.
         async with profiling.sampling(d.pid, run.profile_dir / "daemon-status.txt") as prof:

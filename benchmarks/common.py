@@ -18,10 +18,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import psutil
@@ -331,6 +331,20 @@ class EventLog:
             return await asyncio.wait_for(found(), timeout_s)
         except TimeoutError:
             raise BenchError(f"no matching engine event within {timeout_s:.0f} s") from None
+
+
+T = TypeVar("T")
+
+
+async def timed_calls(n: int, call: Callable[[], Awaitable[T]]) -> tuple[list[float], T | None]:
+    """Await `call()` n times in a row: each call's seconds, and the last answer."""
+    times: list[float] = []
+    last: T | None = None
+    for _ in range(n):
+        t0 = time.perf_counter()
+        last = await call()
+        times.append(time.perf_counter() - t0)
+    return times, last
 
 
 def container_event(
