@@ -154,7 +154,7 @@ async def _start_fleet(api: DaemonApi, slots: list[Slot], result: Result) -> lis
 
 def _tick_cost(tasks: list[dict[str, Any]], ticks: int) -> dict[str, Any]:
     """One Monitor.tick over the fleet, in this process: the daemon's 1 Hz work alone."""
-    from boincd_containers.tasks.registry import TaskRecord
+    from boincd_containers.tasks.record import TaskRecord
     from boincd_containers.tasks.state import TaskState
     from boincd_containers.watch.monitor import Monitor
 

@@ -35,7 +35,8 @@ from boincd_containers.host.gpu import GpuAllocator, GpuBackend, TimedBackend, d
 from boincd_containers.images.cache import ImageCache
 from boincd_containers.tasks.gpus import GpuService
 from boincd_containers.tasks.manager import TaskManager
-from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.record import TaskRecord
+from boincd_containers.tasks.registry import Registry
 from boincd_containers.tasks.store import TaskStore
 from boincd_containers.watch.limits import DiskLimits
 from boincd_containers.watch.memwatch import MemoryWatch

@@ -52,7 +52,7 @@ from boincd_containers.gc.policy import (
     parse_time,
     slot_state,
 )
-from boincd_containers.tasks.registry import TaskRecord
+from boincd_containers.tasks.record import TaskRecord
 from boincd_containers.tasks.state import UNPREPARED_STATES, TaskKey
 
 if TYPE_CHECKING:

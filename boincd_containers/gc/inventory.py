@@ -40,7 +40,8 @@ from boincd_containers.images.accounting import (
 )
 from boincd_containers.images.cache import ImageCache
 from boincd_containers.images.eviction import EvictionReport, plan_eviction
-from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.record import TaskRecord
+from boincd_containers.tasks.registry import Registry
 
 log = get_logger(__name__)
 

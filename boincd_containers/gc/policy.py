@@ -23,7 +23,7 @@ from xml.sax.saxutils import unescape
 from boincd_containers.core.errors import StateWriteError
 from boincd_containers.core.log import get_logger
 from boincd_containers.core.persist import write_json_off_loop
-from boincd_containers.tasks.registry import TaskRecord
+from boincd_containers.tasks.record import TaskRecord
 from boincd_containers.tasks.state import TaskKey
 from boincd_containers.tasks.store import TaskStore
 

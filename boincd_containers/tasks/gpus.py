@@ -17,7 +17,8 @@ from boincd_containers.host.gpu import (
     gpu_container_config,
 )
 from boincd_containers.job.spec import TaskRequest
-from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.record import TaskRecord
+from boincd_containers.tasks.registry import Registry
 from boincd_containers.tasks.state import TaskKey
 
 

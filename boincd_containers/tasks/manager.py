@@ -34,7 +34,8 @@ from boincd_containers.job.spec import (
     check_paths,
     container_config,
 )
-from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.record import TaskRecord
+from boincd_containers.tasks.registry import Registry
 from boincd_containers.tasks.state import UNPREPARED_STATES, TaskKey, TaskState
 
 if TYPE_CHECKING:

@@ -17,9 +17,7 @@ from boincd_containers.core import labels as L
 from boincd_containers.core.errors import BoincdError, NotFound
 from boincd_containers.core.log import get_logger
 from boincd_containers.engine.protocols import RegistryEngine
-from boincd_containers.tasks.record import ENGINE_RESTORE_S as ENGINE_RESTORE_S
-from boincd_containers.tasks.record import TaskRecord as TaskRecord
-from boincd_containers.tasks.record import parse_engine_time as parse_engine_time
+from boincd_containers.tasks.record import TaskRecord
 from boincd_containers.tasks.state import TaskKey, TaskState
 from boincd_containers.tasks.store import TaskStore
 

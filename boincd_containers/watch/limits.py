@@ -40,7 +40,7 @@ from boincd_containers.core.errors import NotFound, StateWriteError
 from boincd_containers.core.log import get_logger
 from boincd_containers.core.persist import write_json
 from boincd_containers.core.supervise import repeat
-from boincd_containers.tasks.registry import TaskRecord
+from boincd_containers.tasks.record import TaskRecord
 from boincd_containers.tasks.state import LIVE_STATES, TaskKey, TaskState
 from boincd_containers.watch.enforce import Exceeded, stop_for_limit
 

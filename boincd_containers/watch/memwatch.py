@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from boincd_containers.core.log import get_logger
 from boincd_containers.core.supervise import repeat
 from boincd_containers.host import proctree
-from boincd_containers.tasks.registry import TaskRecord
+from boincd_containers.tasks.record import TaskRecord
 from boincd_containers.tasks.state import TaskKey, TaskState
 from boincd_containers.watch.enforce import Exceeded, stop_for_limit
 from boincd_containers.watch.limits import ExceededLog

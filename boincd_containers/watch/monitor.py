@@ -19,7 +19,8 @@ from typing import Any
 from boincd_containers.core.log import get_logger, task_context
 from boincd_containers.host import priority, proctree
 from boincd_containers.host.cgroups import CgroupError, CgroupGone, CgroupReader, net_dev
-from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.record import TaskRecord
+from boincd_containers.tasks.registry import Registry
 from boincd_containers.tasks.state import LIVE_STATES, TaskKey
 
 log = get_logger(__name__)

@@ -33,7 +33,8 @@ from typing import Any
 
 from boincd_containers.core.log import get_logger, task_context
 from boincd_containers.core.supervise import repeat
-from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.record import TaskRecord
+from boincd_containers.tasks.registry import Registry
 from boincd_containers.tasks.state import TaskKey, TaskState
 
 log = get_logger(__name__)

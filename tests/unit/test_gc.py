@@ -28,7 +28,8 @@ from boincd_containers.gc.policy import (
 from boincd_containers.images.cache import ImageCache
 from boincd_containers.job.spec import parse_request
 from boincd_containers.tasks.manager import TaskManager
-from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.record import TaskRecord
+from boincd_containers.tasks.registry import Registry
 from boincd_containers.tasks.state import TaskKey
 from boincd_containers.tasks.store import TaskStore
 from boincd_containers.testing.fakes import JSON, FakeContainers, FakeEngine, JSONList

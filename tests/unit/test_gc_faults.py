@@ -23,7 +23,8 @@ from boincd_containers.engine.session import translate
 from boincd_containers.images.cache import ImageCache
 from boincd_containers.job.spec import parse_request
 from boincd_containers.tasks.manager import TaskManager
-from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.record import TaskRecord
+from boincd_containers.tasks.registry import Registry
 from boincd_containers.testing.fakes import FakeContainers, FakeEngine
 
 STARTED = "2030-01-01T00:00:00.000000001Z"

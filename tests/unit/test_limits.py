@@ -15,7 +15,8 @@ from boincd_containers.core.settings import Settings
 from boincd_containers.images.cache import ImageCache
 from boincd_containers.job.spec import parse_request
 from boincd_containers.tasks.manager import TaskManager
-from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.record import TaskRecord
+from boincd_containers.tasks.registry import Registry
 from boincd_containers.testing.fakes import FakeContainers, FakeEngine
 from boincd_containers.watch.limits import STATE_FILE, DiskLimits, tree_bytes
 

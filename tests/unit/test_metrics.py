@@ -23,7 +23,7 @@ from boincd_containers.daemon.keys import DAEMON
 from boincd_containers.daemon.metrics import Family, escape_label_value, format_value, render
 from boincd_containers.engine.info import EngineInfo
 from boincd_containers.host.gpu.fake import GIB, FakeGpuBackend
-from boincd_containers.tasks.registry import TaskRecord
+from boincd_containers.tasks.record import TaskRecord
 from boincd_containers.tasks.state import TaskState
 from boincd_containers.watch.monitor import Sample
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import cast
 
 from boincd_containers.host.cgroups import CgroupGone, CgroupReader, CgroupSample, MemoryUsage
-from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.record import TaskRecord
+from boincd_containers.tasks.registry import Registry
 from boincd_containers.tasks.state import TaskKey, TaskState
 from boincd_containers.testing.fakes import FakeEngine
 from boincd_containers.watch.monitor import Monitor

@@ -31,7 +31,7 @@ from boincd_containers.daemon.server import (
     protocol_factory,
     secure_socket,
 )
-from boincd_containers.tasks.registry import TaskRecord
+from boincd_containers.tasks.record import TaskRecord
 from boincd_containers.tasks.state import TaskState
 
 

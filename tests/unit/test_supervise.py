@@ -17,7 +17,8 @@ from boincd_containers.daemon.app import Daemon, component
 from boincd_containers.host.gpu import GpuAllocator
 from boincd_containers.host.gpu.fake import FakeGpuBackend
 from boincd_containers.tasks.gpus import GpuService
-from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.record import TaskRecord
+from boincd_containers.tasks.registry import Registry
 from boincd_containers.testing.fakes import FakeEngine
 
 

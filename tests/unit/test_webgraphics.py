@@ -22,7 +22,8 @@ from boincd_containers.shim.client import DaemonClient
 from boincd_containers.shim.initdata import parse_init_data
 from boincd_containers.shim.jobfile import JobSpec
 from boincd_containers.shim.runner import Runner, task_request
-from boincd_containers.tasks.registry import Registry, TaskRecord
+from boincd_containers.tasks.record import TaskRecord
+from boincd_containers.tasks.registry import Registry
 from boincd_containers.tasks.state import TaskKey
 from boincd_containers.watch.webgraphics import GraphicsUnavailable, Streams, WebGraphics
 
