@@ -200,7 +200,7 @@ class LeaseBook:
         return self.seen.get(key.result) if saved is None else saved
 
     def restore(self, record: TaskRecord, labels: dict[str, str]) -> None:
-        """Registry.on_adopt hook: an adopted task keeps its saved last-seen time."""
+        """TaskStore.on_adopt hook: an adopted task keeps its saved last-seen time."""
         saved = self.saved(record.key)
         if saved is not None and saved < record.last_seen:
             self.store.touch(record, saved)

@@ -44,9 +44,6 @@ class Registry:
         self.store = store if store is not None else TaskStore()
         self.engine_error: str | None = "not connected yet"
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
-        # The store's hooks (store.py), here where the daemon's parts register them.
-        self.on_adopt = self.store.on_adopt
-        self.on_drop = self.store.on_drop
         # Called after the first re-list of each connection to the engine.
         self.on_connect: list[Callable[[], Awaitable[None]]] = []
 

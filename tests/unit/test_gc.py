@@ -296,7 +296,7 @@ class Rig:
         self.images = ImageCache(engine, self.state_dir, instance)
         self.tasks = TaskManager(self.settings, engine, self.registry, self.images)
         self.released: list[str] = []
-        self.registry.on_drop.append(lambda record: self.released.append(record.result))
+        self.registry.store.on_drop.append(lambda record: self.released.append(record.result))
         self.collector = Collector(
             self.settings, engine, self.registry, self.tasks, self.state_dir
         )

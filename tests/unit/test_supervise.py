@@ -108,7 +108,7 @@ async def test_a_container_removed_behind_the_daemons_back_releases_its_gpu() ->
     registry = Registry(engine, "me")
     backend = FakeGpuBackend.with_gpus(1)
     gpus = GpuService(GpuAllocator(backend), registry)
-    registry.on_drop.append(gpus.dropped)
+    registry.store.on_drop.append(gpus.dropped)
     labels = {L.OWNER: "me", L.RESULT: "r_gpu", L.PROJECT: "proj"}
     cid = await engine.containers.create(
         "boincd__proj__r_gpu", {"Image": "boincd-test/busybox:latest", "Labels": labels,
