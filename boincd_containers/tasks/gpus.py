@@ -81,7 +81,7 @@ class GpuService:
         self.allocator.release(str(key))
 
     def dropped(self, record: TaskRecord) -> None:
-        """Registry hook: the container is gone, however it went; so is its share."""
+        """TaskStore.on_drop hook: the container is gone, however it went; so is its share."""
         self.allocator.release(str(record.key))
 
     def restore(self, record: TaskRecord, labels: dict[str, str]) -> None:
