@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from boincd_containers.core.errors import BoincdError
+from boincd_containers.core.jsontext import KeptJSON
 from boincd_containers.core.log import get_logger
 from boincd_containers.core.persist import write_text
 from boincd_containers.core.settings import Settings, SettingsError
@@ -167,6 +168,8 @@ class Daemon:
             self.inventory,
             self.collector,
         ]
+        # The status answer's parts that rarely change, with their JSON text.
+        self.status_parts = KeptJSON()
 
     def cleanup_contexts(self) -> list[CleanupContext]:
         """One per component, bottom up: started in this order, torn down in reverse."""
@@ -226,6 +229,22 @@ class Daemon:
             except BoincdError as exc:
                 data.setdefault("errors", []).append(exc.message)
         return data
+
+    async def status_text(self) -> str:
+        """`GET /v1/status`'s body: status() as JSON, with each part that did not
+        change since the last answer (a task between samples, the image list)
+        taken as it was encoded then. Status is asked often, by every `ctl` and
+        monitoring tool, while 64 tasks' figures change once a second."""
+        data = await self.status()
+        parts = self.status_parts
+        data["tasks"] = [parts.keep(("task", t["project"], t["result"]), t) for t in data["tasks"]]
+        names: set[object] = {("task", t["project"], t["result"]) for t in data["tasks"]}
+        images = data.get("images")
+        if isinstance(images, dict) and isinstance(images.get("items"), list):
+            images["items"] = parts.keep("images.items", images["items"])
+            names.add("images.items")
+        parts.retain(names)
+        return parts.dumps(data)
 
 
 def make_app(daemon: Daemon) -> web.Application:

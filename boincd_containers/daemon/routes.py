@@ -207,9 +207,8 @@ async def version(request: web.Request) -> web.Response:
 
 @routes.get("/v1/status")
 async def status(request: web.Request) -> web.Response:
-    data = await request.app[DAEMON].status()
-    keeper = request.app[INVENTORY]  # keeps the images' JSON between answers
-    return web.Response(text=keeper.encode_status(data), content_type="application/json")
+    text = await request.app[DAEMON].status_text()
+    return web.Response(text=text, content_type="application/json")
 
 
 @routes.get("/v1/gpus")

@@ -21,7 +21,6 @@ image a container uses or a task is about to use, never one it did not bring.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import time
@@ -49,9 +48,6 @@ log = get_logger(__name__)
 # that was free (plus what the cache already held) when the engine was first seen.
 DEFAULT_BUDGET_SHARE = 0.5
 _SIZES_EVERY_S = 60.0  # writable layers and volumes: the engine walks directories
-# Stands for the images' items while the rest of a status answer is encoded.
-_ITEMS_MARK = "\0images.items\0"
-_ITEMS_MARK_JSON = json.dumps(_ITEMS_MARK)
 
 
 class Inventory:
@@ -85,7 +81,6 @@ class Inventory:
         self._backoff = 0.5  # reconnect delay; back to short once synced
         self._images_key: tuple[Any, ...] | None = None
         self._images_view: dict[str, Any] = {}
-        self._items_json = "[]"  # the view's items as JSON: the bulk of a status answer
         # The attribution last given to the account, and the account's version then.
         self._attributed: tuple[dict[str, set[str]], int] | None = None
 
@@ -408,8 +403,9 @@ class Inventory:
             self.budget_bytes,
         )
         if key != self._images_key:
+            # A new items list only when they changed: the status answer keeps
+            # the list's JSON while it is the same object (daemon/app.py).
             self._images_view = self._images_view_now(pinned, ours)
-            self._items_json = json.dumps(self._images_view["items"])
             self._images_key = key
         return {
             **self._images_view,
@@ -418,19 +414,6 @@ class Inventory:
             "synced": self.synced and self.error is None,
             "error": self.error,
         }
-
-    def encode_status(self, data: dict[str, Any]) -> str:
-        """`json.dumps(data)` for a status answer, with the images' items spliced in
-        from the JSON kept with them instead of encoded again (most of the bytes)."""
-        images = data.get("images")
-        if not isinstance(images, dict) or images.get("items") is not self._images_view.get(
-            "items"
-        ):
-            return json.dumps(data)
-        text = json.dumps({**data, "images": {**images, "items": _ITEMS_MARK}})
-        if text.count(_ITEMS_MARK_JSON) != 1:  # some other field says the same
-            return json.dumps(data)
-        return text.replace(_ITEMS_MARK_JSON, self._items_json, 1)
 
     def _images_view_now(self, pinned: set[str], ours: set[str]) -> dict[str, Any]:
         items = [

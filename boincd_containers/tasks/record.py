@@ -7,6 +7,7 @@ task store (store.py), which owns them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -88,8 +89,9 @@ class TaskRecord:
     web_graphics_port: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    @property
+    @functools.cached_property
     def key(self) -> TaskKey:
+        # A record's project and result are never changed: it is another task then.
         return TaskKey(self.project, self.result)
 
     @property

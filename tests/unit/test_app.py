@@ -4,6 +4,7 @@ started bottom-up and torn down in reverse."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 from aiohttp import web
@@ -11,7 +12,10 @@ from aiohttp import web
 from boincd_containers.core.settings import Settings
 from boincd_containers.daemon import keys
 from boincd_containers.daemon.app import Daemon, make_app
+from boincd_containers.tasks.record import TaskRecord
+from boincd_containers.tasks.state import TaskState
 from boincd_containers.testing.fakes import FakeEngine
+from boincd_containers.watch.monitor import Sample
 
 
 def _daemon(tmp_path: Path) -> tuple[Daemon, FakeEngine]:
@@ -75,3 +79,32 @@ async def test_components_stop_in_reverse_order_and_no_loop_outlives_the_app(
     await runner.cleanup()
     assert closed == ["tasks", "images", "engine"]
     assert all(task.done() for task in started)
+
+
+async def test_the_status_answer_is_json_of_status_and_follows_every_change(
+    tmp_path: Path,
+) -> None:
+    daemon, _ = _daemon(tmp_path)
+    records = []
+    for i in range(3):
+        record = TaskRecord(result=f"r{i}", project="https://p.example/")
+        record.state = TaskState.RUNNING
+        records.append(daemon.store.add(record))
+        daemon.monitor.samples[record.key] = Sample(1.0, float(i), 100, 50, 0, 0)
+
+    async def answer() -> dict[str, object]:
+        text = await daemon.status_text()
+        assert text == json.dumps(await daemon.status())
+        decoded: dict[str, object] = json.loads(text)
+        return decoded
+
+    assert len((await answer())["tasks"]) == 3  # type: ignore[arg-type]
+    kept = len(daemon.status_parts)  # the three tasks and the image list
+    daemon.store.set_progress(records[1], "halfway")
+    daemon.monitor.samples[records[2].key] = Sample(2.0, 9.5, 200, 50, 0, 0)
+    tasks = {t["result"]: t for t in (await answer())["tasks"]}  # type: ignore[attr-defined]
+    assert tasks["r1"]["progress"] == "halfway"
+    assert tasks["r2"]["cpu_time_s"] == 9.5
+    daemon.store.drop(records[0])
+    assert [t["result"] for t in (await answer())["tasks"]] == ["r1", "r2"]  # type: ignore[attr-defined]
+    assert len(daemon.status_parts) == kept - 1, "a dropped task's part is forgotten"

@@ -4,7 +4,6 @@ is LRU within the budget, pins and foreign images are safe, freed bytes exact.""
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -163,19 +162,6 @@ async def test_the_images_view_is_kept_until_what_it_shows_changes(
     assert pinned[A] is False
     await rig.tasks.remove("r_b")
     assert {i["ref"]: i["pinned"] for i in rig.inventory.images_json()["items"]}[B] is False
-
-
-async def test_a_status_answer_encodes_as_json_dumps_does(rig: Rig) -> None:
-    await rig.run_task("r_a", A)
-    await rig.inventory.sync_images()
-    doc = {"tasks": [{"result": "r_a", "progress": "\0x"}], **await rig.inventory.status_fields()}
-    assert rig.inventory.encode_status(doc) == json.dumps(doc)  # with the kept items
-    assert rig.inventory.encode_status(doc) == json.dumps(doc)  # and again, kept
-    # A field that reads like the stand-in for the items, and a view not kept.
-    odd = {"tasks": [{"progress": "\0images.items\0"}], **await rig.inventory.status_fields()}
-    assert rig.inventory.encode_status(odd) == json.dumps(odd)
-    other = {**doc, "images": {**doc["images"], "items": [{"ref": "x"}]}}
-    assert rig.inventory.encode_status(other) == json.dumps(other)
 
 
 async def test_pins_are_rebuilt_after_a_restart_from_the_containers(
