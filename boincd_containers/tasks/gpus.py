@@ -99,8 +99,8 @@ class GpuService:
         containers = {
             str(r.key): r.container_id for r in self.registry.tasks.values() if r.container_id
         }
-        if not self.allocator.backends:
-            # No GPU inventory to ask (most hosts): no driver call, no thread.
+        if not self.allocator.snapshot_asks_a_driver():
+            # No GPU inventory to ask now (most hosts): no driver call, no thread.
             return _shown(self.allocator.snapshot(containers).to_dict())
         try:
             snap = await asyncio.wait_for(
@@ -119,4 +119,3 @@ class GpuService:
         data = _shown(snap.to_dict())
         self._last = data
         return data
-

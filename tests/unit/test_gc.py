@@ -297,9 +297,7 @@ class Rig:
         self.tasks = TaskManager(self.settings, engine, self.registry, self.images)
         self.released: list[str] = []
         self.registry.store.on_drop.append(lambda record: self.released.append(record.result))
-        self.collector = Collector(
-            self.settings, engine, self.registry, self.tasks, self.state_dir
-        )
+        self.collector = Collector(self.settings, engine, self.registry, self.tasks, self.state_dir)
         self.clock = Clock()
         self.collector.clock = self.clock
 

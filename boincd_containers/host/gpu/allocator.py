@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,11 @@ PidToContainer = Callable[[int], str | None]
 # Shares are counted in millionths: BOINC writes gpu_usage with "%f" (six
 # decimals), so three tasks at 0.333333 fit one card exactly, with no float drift.
 SHARE_UNIT = 1_000_000
+# A backend that found no card (no driver installed, no GPU of its kind) is asked
+# again by snapshot() only after this long: status is asked several times a
+# second, each ask a driver load or a /sys scan in a thread, and a card or driver
+# that appears is still seen within it. allocate() and devices() always ask.
+IDLE_RECHECK_S = 30.0
 
 
 def _to_units(usage: float) -> int:
@@ -110,14 +116,27 @@ class _Holding:
 class GpuAllocator:
     """Assignments keyed by BOINC result name; safe to call from several threads."""
 
-    def __init__(self, backends: GpuBackend | Sequence[GpuBackend]) -> None:
+    def __init__(
+        self,
+        backends: GpuBackend | Sequence[GpuBackend],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.backends: tuple[GpuBackend, ...] = (
             tuple(backends) if isinstance(backends, Sequence) else (backends,)
         )
+        self.clock = clock
         # Re-entrant: allocate() holds it while devices() refreshes the inventory.
         self._lock = threading.RLock()
         self._holdings: dict[str, _Holding] = {}
         self._known: dict[str, GpuDevice] = {}
+        # Backends that found no card, by index: when snapshot() asks them again.
+        self._idle_until: dict[int, float] = {}
+
+    def snapshot_asks_a_driver(self) -> bool:
+        """Whether snapshot() would call a backend now (else it needs no thread)."""
+        now = self.clock()
+        with self._lock:
+            return any(self._idle_until.get(i, 0.0) <= now for i in range(len(self.backends)))
 
     # -- inventory ---------------------------------------------------------
 
@@ -340,6 +359,10 @@ class GpuAllocator:
 
     # -- watching ------------------------------------------------------------
 
+    def _rest(self, index: int, now: float) -> None:
+        with self._lock:
+            self._idle_until[index] = now + IDLE_RECHECK_S
+
     def snapshot(
         self,
         result_containers: Mapping[str, str] | None = None,
@@ -357,7 +380,12 @@ class GpuAllocator:
         devices: list[GpuDevice] = []
         errors: list[str] = []
         working: list[GpuBackend] = []
-        for backend in self.backends:
+        now = self.clock()
+        for i, backend in enumerate(self.backends):
+            with self._lock:
+                idle = self._idle_until.get(i, 0.0) > now
+            if idle and not held_vendors & backend.vendors:
+                continue  # it found nothing a moment ago
             try:
                 found = list(backend.devices())
             except GpuTimeout as exc:
@@ -370,7 +398,14 @@ class GpuAllocator:
                 # A driver that is simply not installed is news only if a task uses it.
                 if not exc.absent or held_vendors & backend.vendors:
                     errors.append(exc.message)
+                elif exc.absent:
+                    self._rest(i, now)
                 continue
+            if found:
+                with self._lock:
+                    self._idle_until.pop(i, None)
+            else:
+                self._rest(i, now)
             working.append(backend)
             devices.extend(found)
         with self._lock:
