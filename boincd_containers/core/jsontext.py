@@ -59,9 +59,8 @@ class KeptJSON:
             if depth > 1 or self._holds_kept(value.values()):
                 members = (f"{json.dumps(k)}: {self.dumps(v, depth - 1)}" for k, v in value.items())
                 return "{" + ", ".join(members) + "}"
-        if depth > 0 and type(value) is list:
-            if depth > 1 or self._holds_kept(value):
-                return "[" + ", ".join(self.dumps(v, depth - 1) for v in value) + "]"
+        elif depth > 0 and type(value) is list and (depth > 1 or self._holds_kept(value)):
+            return "[" + ", ".join(self.dumps(v, depth - 1) for v in value) + "]"
         return json.dumps(value)  # one call for all of it: the C encoder is faster
 
     def _holds_kept(self, values: Iterable[Any]) -> bool:
