@@ -99,3 +99,15 @@ async def test_the_service_needs_no_thread_while_every_backend_rests(
     await service.snapshot()
     assert len(threads) == 2
     service.allocator.close()
+
+
+def test_a_share_taken_while_its_backend_rests_makes_the_snapshot_ask_again() -> None:
+    clock, backend = Clock(), FakeGpuBackend()
+    allocator = GpuAllocator(backend, clock=clock)
+    allocator.snapshot()  # no card: it rests
+    assert not allocator.snapshot_asks_a_driver()
+    backend._devices = FakeGpuBackend.with_gpus(1)._devices  # the card shows up
+    allocator.allocate("r1", "NVIDIA", 0, 0.5)  # allocation asks: it is found
+    # The snapshot must not run on the event loop now: it asks the driver.
+    assert allocator.snapshot_asks_a_driver()
+    assert [d.device.uuid for d in allocator.snapshot().devices] == [backend.uuid(0)]

@@ -136,7 +136,8 @@ class GpuAllocator:
         """Whether snapshot() would call a backend now (else it needs no thread)."""
         now = self.clock()
         with self._lock:
-            return any(self._idle_until.get(i, 0.0) <= now for i in range(len(self.backends)))
+            held = {h.vendor for h in self._holdings.values()}
+            return not all(self._rests(i, now, held) for i in range(len(self.backends)))
 
     # -- inventory ---------------------------------------------------------
 
@@ -363,6 +364,12 @@ class GpuAllocator:
         with self._lock:
             self._idle_until[index] = now + IDLE_RECHECK_S
 
+    def _rests(self, index: int, now: float, held_vendors: set[Vendor]) -> bool:
+        """snapshot() leaves out a backend that found no card a moment ago, unless
+        a task holds a share of its vendor (its cards are news then). Under _lock."""
+        backend = self.backends[index]
+        return self._idle_until.get(index, 0.0) > now and not held_vendors & backend.vendors
+
     def snapshot(
         self,
         result_containers: Mapping[str, str] | None = None,
@@ -383,9 +390,8 @@ class GpuAllocator:
         now = self.clock()
         for i, backend in enumerate(self.backends):
             with self._lock:
-                idle = self._idle_until.get(i, 0.0) > now
-            if idle and not held_vendors & backend.vendors:
-                continue  # it found nothing a moment ago
+                if self._rests(i, now, held_vendors):
+                    continue  # it found nothing a moment ago
             try:
                 found = list(backend.devices())
             except GpuTimeout as exc:
@@ -398,7 +404,7 @@ class GpuAllocator:
                 # A driver that is simply not installed is news only if a task uses it.
                 if not exc.absent or held_vendors & backend.vendors:
                     errors.append(exc.message)
-                elif exc.absent:
+                else:
                     self._rest(i, now)
                 continue
             if found:
