@@ -100,8 +100,10 @@ class GpuService:
             str(r.key): r.container_id for r in self.registry.tasks.values() if r.container_id
         }
         if not self.allocator.snapshot_asks_a_driver():
-            # No GPU inventory to ask now (most hosts): no driver call, no thread.
-            return _shown(self.allocator.snapshot(containers).to_dict())
+            # No GPU inventory to ask now (most hosts): no thread. ask_drivers=False
+            # holds even if a share was taken since the question.
+            snap = self.allocator.snapshot(containers, ask_drivers=False)
+            return _shown(snap.to_dict())
         try:
             snap = await asyncio.wait_for(
                 asyncio.to_thread(self.allocator.snapshot, containers), self.timeout_s

@@ -111,3 +111,15 @@ def test_a_share_taken_while_its_backend_rests_makes_the_snapshot_ask_again() ->
     # The snapshot must not run on the event loop now: it asks the driver.
     assert allocator.snapshot_asks_a_driver()
     assert [d.device.uuid for d in allocator.snapshot().devices] == [backend.uuid(0)]
+
+
+def test_a_snapshot_told_not_to_ask_drivers_never_calls_one() -> None:
+    clock, backend = Clock(), FakeGpuBackend.with_gpus(1)
+    allocator = GpuAllocator(backend, clock=clock)
+    allocator.snapshot()  # cards seen once
+    calls = backend.calls
+    # As on the event loop after snapshot_asks_a_driver() said no, and a share
+    # was taken (in a worker thread) right after: still no driver call.
+    snap = allocator.snapshot(ask_drivers=False)
+    assert backend.calls == calls
+    assert [d.device.uuid for d in snap.devices] == [backend.uuid(0)], "cards as last seen"

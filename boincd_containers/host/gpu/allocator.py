@@ -374,13 +374,17 @@ class GpuAllocator:
         self,
         result_containers: Mapping[str, str] | None = None,
         pid_to_container: PidToContainer | None = None,
+        *,
+        ask_drivers: bool = True,
     ) -> GpuSnapshot:
         """Cards, shares and per-task GPU memory for `ctl gpus` and the monitor.
 
         `result_containers` maps result name to container id; with it, each
         share's used memory is measured from the GPU's process list. Backend
         failures become `errors` lines instead of exceptions: `ctl gpus` must
-        still show what it can.
+        still show what it can. `ask_drivers=False` (on the event loop, where
+        a driver call must not run): no backend is called; one that would be
+        shows its cards as last seen.
         """
         with self._lock:
             held_vendors = {h.vendor for h in self._holdings.values()}
@@ -392,6 +396,9 @@ class GpuAllocator:
             with self._lock:
                 if self._rests(i, now, held_vendors):
                     continue  # it found nothing a moment ago
+                if not ask_drivers:
+                    devices.extend(d for d in self._known.values() if d.vendor in backend.vendors)
+                    continue
             try:
                 found = list(backend.devices())
             except GpuTimeout as exc:
