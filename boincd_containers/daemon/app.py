@@ -237,13 +237,13 @@ class Daemon:
         monitoring tool, while 64 tasks' figures change once a second."""
         data = await self.status()
         parts = self.status_parts
-        data["tasks"] = [parts.keep(("task", t["project"], t["result"]), t) for t in data["tasks"]]
-        names: set[object] = {("task", t["project"], t["result"]) for t in data["tasks"]}
+        names: list[object] = [("task", t["project"], t["result"]) for t in data["tasks"]]
+        data["tasks"] = [parts.keep(name, t) for name, t in zip(names, data["tasks"], strict=True)]
         images = data.get("images")
         if isinstance(images, dict) and isinstance(images.get("items"), list):
             images["items"] = parts.keep("images.items", images["items"])
-            names.add("images.items")
-        parts.retain(names)
+            names.append("images.items")
+        parts.retain(set(names))
         return parts.dumps(data)
 
 
