@@ -1,6 +1,6 @@
 """The one way the daemon runs a background loop: a failure is logged and the
-loop restarted after a backoff, never passed on to the TaskGroup that holds it,
-where it would cancel the server and every sibling loop."""
+loop restarted after a backoff, never passed on to whoever holds the loop,
+where it could end the server and every sibling loop."""
 
 from __future__ import annotations
 
